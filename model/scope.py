@@ -1,0 +1,109 @@
+"""Which requests an adapter version may touch.
+
+Every adapter carries a scope: embeddings of the questions it was trained on (and their
+rewordings), a centre to subtract and a fitted threshold. The engine applies an adapter to a
+request only when the request's question scores above the threshold; every other request is
+served exactly as before. This is what keeps unrelated answers unchanged (WISE/SERAC-style
+routing): a small model forgets under any weight update, so the update must not be applied
+out of scope.
+
+The embedding is the mean-pooled hidden state of one layer of the *base* model (adapters
+disabled) over the question's tokens: a few layers of a forward pass the engine can afford
+per row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SCOPE_FILE = "scope.safetensors"
+DEFAULT_LAYER = 6
+
+
+@dataclass
+class Scope:
+    keys: torch.Tensor  # [N, D] unit vectors, already centred
+    center: torch.Tensor  # [D] subtracted from every query before normalising
+    threshold: float
+    layer: int = DEFAULT_LAYER
+
+    @classmethod
+    def from_embeddings(
+        cls, embeddings: torch.Tensor, center: torch.Tensor, threshold: float, layer: int
+    ) -> Scope:
+        keys = _normalise(embeddings.float() - center.float())
+        return cls(keys=keys, center=center.float(), threshold=float(threshold), layer=layer)
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """Max cosine similarity of each query [B, D] to the scope's keys -> [B]."""
+        if self.keys.numel() == 0:
+            return torch.full((queries.shape[0],), -1.0)
+        q = _normalise(queries.float() - self.center)
+        return (q @ self.keys.T).max(dim=1).values
+
+    def contains(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.scores(queries) >= self.threshold
+
+    def save(self, folder: str | Path) -> None:
+        meta = {"threshold": repr(self.threshold), "layer": str(self.layer), "format": "ouro-scope-1"}
+        save_file(
+            {"keys": self.keys.contiguous(), "center": self.center.contiguous()},
+            str(Path(folder) / SCOPE_FILE),
+            metadata=meta,
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Scope:
+        from safetensors import safe_open
+
+        path = Path(folder) / SCOPE_FILE
+        with safe_open(str(path), framework="pt") as f:
+            meta: dict[str, Any] = f.metadata() or {}
+        tensors = load_file(str(path))
+        if meta.get("format") != "ouro-scope-1" or "keys" not in tensors or "center" not in tensors:
+            raise ValueError(f"{path} is not an Ouro scope file")
+        return cls(
+            keys=tensors["keys"].float(),
+            center=tensors["center"].float(),
+            threshold=float(meta["threshold"]),
+            layer=int(meta["layer"]),
+        )
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@torch.inference_mode()
+def embed_questions(
+    model: Any, tokenizer: Any, texts: list[str], layer: int = DEFAULT_LAYER, batch_size: int = 32
+) -> torch.Tensor:
+    """Mean-pooled hidden states of `layer` of the base model for each text -> [len(texts), D] fp32.
+
+    Works on a plain transformers model and on a peft model (adapters are disabled).
+    """
+    if not texts:
+        hidden = int(model.config.hidden_size)
+        return torch.empty((0, hidden))
+    disable = getattr(model, "disable_adapter", None)
+    out: list[torch.Tensor] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        chunk = [t.strip() or "?" for t in texts[start : start + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        if disable is not None and hasattr(model, "peft_config"):
+            with disable():
+                hs = model(**enc, output_hidden_states=True).hidden_states[layer]
+        else:
+            hs = model(**enc, output_hidden_states=True).hidden_states[layer]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hs.dtype)
+        pooled = (hs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        out.append(pooled.float().cpu())
+    return torch.cat(out)
