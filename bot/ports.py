@@ -7,21 +7,14 @@ with these methods (the learner's `LearnerControl`). Tests hand it a fake.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from storage.models import AdapterVersion, TrainingJob
+from storage.models import AdapterVersion, RetrainOutcome, TrainingJob
+
+__all__ = ["LearnerPort", "Progress", "RetrainOutcome"]
 
 Progress = Callable[[str], Awaitable[None]]  # one human line: "step 12/40 · loss 0.41"
-
-
-@dataclass(frozen=True)
-class RetrainOutcome:
-    job: TrainingJob
-    promoted: list[AdapterVersion] = field(default_factory=list)  # versions that went live
-    rejected: list[AdapterVersion] = field(default_factory=list)  # candidates the gate refused
-    summary: str = ""  # one paragraph for the admin who asked
 
 
 class LearnerPort(Protocol):

@@ -140,3 +140,13 @@ class TrainingJob:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """What a finished training job did; shared by the learner and the bots' admin commands."""
+
+    job: TrainingJob
+    promoted: list[AdapterVersion] = field(default_factory=list)  # versions that went live
+    rejected: list[AdapterVersion] = field(default_factory=list)  # candidates the gate refused
+    summary: str = ""  # one paragraph for the admin who asked

@@ -1,0 +1,5 @@
+import sys
+
+from ouro.cli import main
+
+sys.exit(main())
