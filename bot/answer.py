@@ -160,11 +160,23 @@ class Answer:
                 self.finish_reason = "cancelled" if self._cancelled else (reason or "stop")
             stored = self.error is None and (self.text or not self._cancelled)
             if stored and self._on_finish is not None:
+                # Shielded: a consumer cancelled mid-write (client hung up) must not lose the turn.
+                store_task = asyncio.ensure_future(self._on_finish(self))
                 try:
-                    self.message_id = await self._on_finish(self)
+                    self.message_id = await asyncio.shield(store_task)
+                except asyncio.CancelledError:
+                    store_task.add_done_callback(self._stored_late)
+                    raise
                 except Exception:
                     log.exception("storing the bot turn failed")
             self._finished.set()
+
+    def _stored_late(self, task: asyncio.Task[int | None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.message_id = task.result()
+        elif not task.cancelled():
+            log.error("storing the bot turn failed", exc_info=task.exception())
+        self._finished.set()
 
 
 async def _nothing() -> AsyncGenerator[str, None]:

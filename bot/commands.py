@@ -106,7 +106,7 @@ def describe_next_run(when: datetime | None, now: datetime | None = None) -> str
 
 def parse_id(raw: str) -> int | None:
     text = raw.strip().removeprefix("#")
-    return int(text) if text.isdigit() and len(text) < 19 else None
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
 
 
 async def resolve_target(store: Store, platform: str, target: str) -> User | str:

@@ -299,3 +299,11 @@ async def test_help_lists_admin_commands_only_for_admins(
     assert "/retrain" in service.help(admin).text
     console = Actor("console", "me", "console")
     assert service.is_admin(console) and not service.is_admin(alice)
+
+
+def test_parse_id_refuses_non_ascii_digits() -> None:
+    from bot.commands import parse_id
+
+    assert parse_id("#12") == 12
+    assert parse_id("#²") is None
+    assert parse_id("١٢") is None
