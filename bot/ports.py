@@ -29,7 +29,7 @@ class LearnerPort(Protocol):
         ...
 
     async def rollback(self, owner_user_id: int | None) -> AdapterVersion | None:
-        """Restore the previous version (None: back to the base model); returns what is now active."""
+        """Restore the previous version (None: the base model); return what is now active."""
         ...
 
     async def forget(self, user_id: int) -> None:

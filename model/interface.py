@@ -39,7 +39,8 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
-    adapter_version: str | None  # the version that served the whole request, None for the base model
+    # the version that served the whole request, None for the base model
+    adapter_version: str | None
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length", "cancelled"]

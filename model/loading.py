@@ -70,7 +70,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated, slow."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -143,7 +143,7 @@ def load_base_model(
     torch_dtype = pick_dtype(torch_device, dtype)
     hf_logging.enable_progress_bar()
 
-    load_path, kwargs = source.path, {}
+    load_path, kwargs = source.path, dict[str, Any]()
     cached = None
     if source.gguf_file:
         if cache_dir is not None:
@@ -156,7 +156,9 @@ def load_base_model(
             log.info("converting %s from GGUF (cached after the first start)", source.name)
     if load_in_4bit:
         if torch_device.type != "cuda":
-            log.warning("4-bit loading needs CUDA; loading %s in %s instead", source.name, torch_dtype)
+            log.warning(
+                "4-bit loading needs CUDA; loading %s in %s instead", source.name, torch_dtype
+            )
         else:
             from transformers import BitsAndBytesConfig
 
@@ -166,9 +168,11 @@ def load_base_model(
     local_only = {"local_files_only": True} if not Path(load_path).is_dir() else {}
     try:
         tokenizer = load_tokenizer(ModelSource(source.name, load_path, kwargs.get("gguf_file")))
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            load_path, dtype=torch.float32 if "gguf_file" in kwargs else torch_dtype,
-            **kwargs, **local_only
+        hf_model: Any = AutoModelForCausalLM.from_pretrained(
+            load_path,
+            dtype=torch.float32 if "gguf_file" in kwargs else torch_dtype,
+            **kwargs,
+            **local_only,
         )
     except OSError as exc:
         raise ModelNotFoundError(

@@ -14,7 +14,6 @@ per row.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,11 @@ class Scope:
         return self.scores(queries) >= self.threshold
 
     def save(self, folder: str | Path) -> None:
-        meta = {"threshold": repr(self.threshold), "layer": str(self.layer), "format": "ouro-scope-1"}
+        meta = {
+            "threshold": repr(self.threshold),
+            "layer": str(self.layer),
+            "format": "ouro-scope-1",
+        }
         save_file(
             {"keys": self.keys.contiguous(), "center": self.center.contiguous()},
             str(Path(folder) / SCOPE_FILE),

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="start the bots (Discord/Telegram when configured, else console)")
+    p = sub.add_parser(
+        "run", help="start the bots (Discord/Telegram when configured, else console)"
+    )
     p.add_argument(
         "--console",
         choices=["auto", "on", "off"],
@@ -153,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default OURO_API_PORT)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("learner", help="run the standalone learner worker (takes jobs from the store)")
+    p = sub.add_parser(
+        "learner", help="run the standalone learner worker (takes jobs from the store)"
+    )
     p.add_argument("--once", action="store_true", help="run queued jobs, then exit")
     p.set_defaults(func=cmd_learner)
 
@@ -161,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_args(p, required=False)
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("rollback", help="restore the previous adapter version (a user's, or shared)")
+    p = sub.add_parser(
+        "rollback", help="restore the previous adapter version (a user's, or shared)"
+    )
     _add_user_args(p, required=False)
     p.set_defaults(func=cmd_rollback)
 

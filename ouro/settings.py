@@ -1,4 +1,4 @@
-"""All of Ouro's configuration: one typed class, read from the environment and `.env` (prefix OURO_).
+"""All of Ouro's configuration: one typed class, from the environment and `.env` (prefix OURO_).
 
 Secrets are `SecretStr`: never printed, never in `repr`, only read where they are used.
 """
@@ -25,8 +25,12 @@ class Settings(BaseSettings):
     )
 
     # --- where things live -------------------------------------------------------------------
-    data_dir: Path = Field(Path("data"), description="Folder for the database, adapters, caches and MLflow.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder for the database, adapters, caches and MLflow."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
 
     # --- the model -----------------------------------------------------------------------------
     model: str = Field(
@@ -38,7 +42,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' picks bf16 where the hardware computes it natively."
     )
-    load_in_4bit: bool = Field(False, description="4-bit base weights on CUDA (needs the gpu extra).")
+    load_in_4bit: bool = Field(
+        False, description="4-bit base weights on CUDA (needs the gpu extra)."
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most requests decoded in one step.")
     max_resident_adapters: int = Field(
         32, ge=1, description="Adapters kept in memory; least recently used idle ones are evicted."
@@ -46,60 +52,104 @@ class Settings(BaseSettings):
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt for every chat.")
     max_new_tokens: int = Field(200, ge=1, le=4096, description="Longest answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 answers greedily (repeatable).")
-    history_turns: int = Field(6, ge=0, le=100, description="Past turns kept as conversation context.")
+    history_turns: int = Field(
+        6, ge=0, le=100, description="Past turns kept as conversation context."
+    )
 
     # --- chat behaviour ------------------------------------------------------------------------
-    rate_limit_per_minute: int = Field(12, ge=1, description="Messages per user per minute (admins exempt).")
+    rate_limit_per_minute: int = Field(
+        12, ge=1, description="Messages per user per minute (admins exempt)."
+    )
     max_message_chars: int = Field(4000, ge=1, description="Longest accepted user message.")
 
     # --- platforms -----------------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, description="Discord bot token; enables Discord.")
-    discord_api_base: str | None = Field(None, description="Discord REST base URL (tests, proxies).")
-    discord_gateway_url: str | None = Field(None, description="Discord gateway URL (tests, proxies).")
-    discord_admin_ids: IdList = Field(default_factory=list, description="Discord user ids of admins, comma separated.")
+    discord_api_base: str | None = Field(
+        None, description="Discord REST base URL (tests, proxies)."
+    )
+    discord_gateway_url: str | None = Field(
+        None, description="Discord gateway URL (tests, proxies)."
+    )
+    discord_admin_ids: IdList = Field(
+        default_factory=list, description="Discord user ids of admins, comma separated."
+    )
     discord_channels: IdList = Field(
-        default_factory=list, description="Channel ids where Ouro answers mentions/replies; empty: all."
+        default_factory=list,
+        description="Channel ids where Ouro answers mentions/replies; empty: all.",
     )
-    telegram_token: SecretStr | None = Field(None, description="Telegram bot token; enables Telegram.")
+    telegram_token: SecretStr | None = Field(
+        None, description="Telegram bot token; enables Telegram."
+    )
     telegram_api_base: str | None = Field(
-        None, description="Telegram Bot API base URL, e.g. a self-hosted server (ends before /bot<token>)."
+        None,
+        description="Telegram Bot API server root, e.g. self-hosted (before /bot<token>).",
     )
-    telegram_admin_ids: IdList = Field(default_factory=list, description="Telegram user ids of admins, comma separated.")
+    telegram_admin_ids: IdList = Field(
+        default_factory=list, description="Telegram user ids of admins, comma separated."
+    )
     console: Literal["auto", "on", "off"] = Field(
         "auto", description="Terminal chat: 'auto' starts it when no platform token is set."
     )
-    console_user_is_admin: bool = Field(True, description="The local terminal user may run admin commands.")
+    console_user_is_admin: bool = Field(
+        True, description="The local terminal user may run admin commands."
+    )
 
     # --- HTTP API ------------------------------------------------------------------------------
-    api_enabled: bool = Field(False, description="Start the OpenAI-compatible HTTP API with `ouro run`.")
+    api_enabled: bool = Field(
+        False, description="Start the OpenAI-compatible HTTP API with `ouro run`."
+    )
     api_host: str = Field("127.0.0.1", description="HTTP API bind address.")
     api_port: int = Field(8000, ge=1, le=65535, description="HTTP API port.")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for the HTTP API's admin endpoints.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the HTTP API's admin endpoints."
+    )
 
     # --- learner -------------------------------------------------------------------------------
     learner_mode: Literal["in_process", "worker"] = Field(
         "in_process",
-        description="'in_process': `ouro run` schedules training itself; 'worker': a separate `ouro learner` does.",
+        description="'in_process': `ouro run` trains; 'worker': a separate `ouro learner` does.",
     )
     train_after_corrections: int = Field(
-        1, ge=1, description="Train a user's adapter as soon as they have this many new accepted corrections."
+        1,
+        ge=1,
+        description="Train a user's adapter once they have this many new accepted corrections.",
     )
     train_interval_minutes: int = Field(60, ge=1, description="Scheduled training run interval.")
-    train_cron: str | None = Field(None, description="Crontab expression; replaces the interval when set.")
-    training_method: Literal["sft", "dpo"] = Field("sft", description="SFT on corrections, or DPO (chosen=correction).")
-    lora_r: int = Field(16, ge=1, description="LoRA rank (fixed across runs so versions swap in place).")
+    train_cron: str | None = Field(
+        None, description="Crontab expression; replaces the interval when set."
+    )
+    training_method: Literal["sft", "dpo"] = Field(
+        "sft", description="SFT on corrections, or DPO (chosen=correction)."
+    )
+    lora_r: int = Field(
+        16, ge=1, description="LoRA rank (fixed across runs so versions swap in place)."
+    )
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     learning_rate: float = Field(1e-3, gt=0, description="Learning rate.")
-    max_train_steps: int = Field(80, ge=1, description="Upper bound on optimiser steps (training stops early once learned).")
-    correction_max_chars: int = Field(2000, ge=1, description="Longest accepted correction.")
-    daily_correction_quota: int = Field(50, ge=1, description="Corrections a user may make per day.")
-    shared_min_users: int = Field(
-        3, ge=2, description="Distinct users making the same correction before it is shared automatically."
+    max_train_steps: int = Field(
+        80, ge=1, description="Upper bound on optimiser steps (training stops early once learned)."
     )
-    gate_min_uptake: float = Field(0.8, ge=0, le=1, description="Gate: share of corrections learned.")
-    gate_min_retention: float = Field(0.95, ge=0, le=1, description="Gate: share of unrelated answers unchanged.")
-    mlflow_tracking_uri: str | None = Field(None, description="Default: sqlite:///<data_dir>/mlflow.db.")
-    hf_hub_token: SecretStr | None = Field(None, description="Push approved shared adapters to the HF Hub.")
+    correction_max_chars: int = Field(2000, ge=1, description="Longest accepted correction.")
+    daily_correction_quota: int = Field(
+        50, ge=1, description="Corrections a user may make per day."
+    )
+    shared_min_users: int = Field(
+        3,
+        ge=2,
+        description="Distinct users making the same correction before it is shared automatically.",
+    )
+    gate_min_uptake: float = Field(
+        0.8, ge=0, le=1, description="Gate: share of corrections learned."
+    )
+    gate_min_retention: float = Field(
+        0.95, ge=0, le=1, description="Gate: share of unrelated answers unchanged."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Default: sqlite:///<data_dir>/mlflow.db."
+    )
+    hf_hub_token: SecretStr | None = Field(
+        None, description="Push approved shared adapters to the HF Hub."
+    )
     hf_hub_repo: str | None = Field(None, description="HF Hub repo for shared adapters.")
 
     @field_validator("discord_admin_ids", "telegram_admin_ids", "discord_channels", mode="before")
@@ -128,4 +178,8 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
 
     def admin_ids(self, platform: str) -> set[str]:
-        return set({"discord": self.discord_admin_ids, "telegram": self.telegram_admin_ids}.get(platform, []))
+        return set(
+            {"discord": self.discord_admin_ids, "telegram": self.telegram_admin_ids}.get(
+                platform, []
+            )
+        )

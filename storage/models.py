@@ -84,7 +84,9 @@ class Correction:
     message_id: int | None  # the bot message being corrected (None after that message is gone)
     original_answer: str
     corrected_answer: str
-    context: list[dict[str, str]]  # [{"role", "content"}, ...] that produced the answer, ending with the user question
+    context: list[
+        dict[str, str]
+    ]  # [{"role", "content"}, ...] that produced the answer, ending with the user question
     rewordings: list[str]  # extra phrasings of the question, used for generalisation and scope
     status: CorrectionStatus
     reason: str | None  # why it was rejected (or other status note)

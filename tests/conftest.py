@@ -18,7 +18,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("OURO_DATA_DIR", str(Path(".pytest_cache") / "ouro-data"))
 
 MODEL_CACHE = Path(
-    os.environ.get("OURO_TEST_MODEL_CACHE", Path(__file__).parent.parent / ".pytest_cache" / "model")
+    os.environ.get(
+        "OURO_TEST_MODEL_CACHE", Path(__file__).parent.parent / ".pytest_cache" / "model"
+    )
 )
 os.environ["OURO_TEST_MODEL_CACHE"] = str(MODEL_CACHE)
 

@@ -5,7 +5,17 @@ import pytest
 
 from ouro.cli import build_parser
 
-SUBCOMMANDS = ["run", "serve", "learner", "retrain", "rollback", "export", "forget", "bench", "eval"]
+SUBCOMMANDS = [
+    "run",
+    "serve",
+    "learner",
+    "retrain",
+    "rollback",
+    "export",
+    "forget",
+    "bench",
+    "eval",
+]
 
 
 def test_every_subcommand_is_listed_in_help():

@@ -1,0 +1,1 @@
+"""Benchmarks behind `ouro bench` / `make bench`: ratios measured in one run, never timed tests."""
