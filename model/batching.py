@@ -1,0 +1,157 @@
+"""The decode-side pieces of continuous batching: a left-padded KV batch, sampling, detokenising.
+
+Rows join and leave between decode steps. Every row is left-padded: its real tokens sit at
+the right end of the cache, the attention mask marks them, and each row carries its own
+position counter, so a row's attention never sees another row's padding and its RoPE
+positions are exactly those of an unbatched run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class KVBatch:
+    """A DynamicCache plus the 2-D attention mask that says which cached columns are real."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise TypeError(f"continuous batching needs full-attention layers, not {layer}")
+        self.cache = cache
+        self.layers: list[Any] = list(cache.layers)
+        self.mask = mask  # [B, L] long
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def step_mask(self) -> torch.Tensor:
+        """Mask for the next single-token step (the new token is real for every row)."""
+        ones = torch.ones((self.size, 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        return self.mask
+
+    def merge(self, other: KVBatch) -> None:
+        """Append `other`'s rows, left-padding whichever side is shorter."""
+        width = max(self.length, other.length)
+        mine, theirs = self.length, other.length
+        for a, b in zip(self.layers, other.layers, strict=True):
+            a.keys = torch.cat([_pad_left(a.keys, width - mine), _pad_left(b.keys, width - theirs)])
+            a.values = torch.cat(
+                [_pad_left(a.values, width - mine), _pad_left(b.values, width - theirs)]
+            )
+        self.mask = torch.cat(
+            [_pad_mask(self.mask, width - mine), _pad_mask(other.mask, width - theirs)]
+        )
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (finished and cancelled rows leave), then trim padding columns."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        for layer in self.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+        self.mask = self.mask.index_select(0, index)
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop leading columns that are padding in every row (left when long rows finished)."""
+        if self.size == 0:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else self.length
+        if start == 0:
+            return
+        for layer in self.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
+        self.mask = self.mask[:, start:]
+
+
+def _pad_left(t: Any, n: int) -> torch.Tensor:
+    if n == 0:
+        return t  # type: ignore[no-any-return]
+    pad = torch.zeros((t.shape[0], t.shape[1], n, t.shape[3]), dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=2)
+
+
+def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return mask
+    pad = torch.zeros((mask.shape[0], n), dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask for a prefill batch, padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Greedy at temperature 0, else temperature + nucleus sampling with the row's generator."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # the generator is on CPU
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        cut = cumulative - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_probs[cut] = 0.0
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Detokenizer:
+    """Turns token ids into text pieces, holding back bytes until they form whole characters.
+
+    Decodes a sliding window (prefix_offset..end) and emits only the part past what the window
+    already produced; a window ending in U+FFFD means a multi-byte character is incomplete.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever complete text is still held back (a cut-off character is dropped)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :]).rstrip("\ufffd")
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :] if len(now) > len(before) else ""
+
+
+def new_cache(config: Any) -> DynamicCache:
+    return DynamicCache(config=config)

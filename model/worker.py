@@ -1,0 +1,407 @@
+"""The decode worker: the one thread that owns the model.
+
+Between decode steps it takes commands from its inbox (new requests, adapter loads), admits
+newcomers (route by scope, prefill them together with per-row adapters, merge their KV into
+the running batch), runs one decode step for every row, streams text back to each request's
+event loop, and drops finished or cancelled rows. Adapter loads and unloads also happen here,
+between steps, so nobody ever sees a half-swapped model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from model.batching import Detokenizer, KVBatch, left_pad, new_cache, sample
+from model.interface import GenerationRequest
+from model.lora import BASE, LoraHost, embed_base, forward
+from model.registry import Entry, Registry, read_adapter
+
+log = logging.getLogger(__name__)
+
+Finish = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request as both threads see it: the loop reads events, the worker writes them."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]]
+    candidates: list[Entry]
+    cancelled: bool = False
+
+    def send(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Row:
+    """Worker-only decode state of one admitted request."""
+
+    ticket: Ticket
+    entry: Entry | None
+    prompt: list[int]
+    max_new: int
+    detok: Detokenizer
+    generator: torch.Generator | None
+    length: int = 0  # tokens in the KV cache = position of the next input token
+    last: int = 0
+    generated: int = 0
+    finish: Finish | None = None
+    name: str = BASE
+
+
+class Worker:
+    """Continuous batching over one model; every method runs on the worker thread."""
+
+    def __init__(
+        self,
+        host: LoraHost,
+        tokenizer: Any,
+        registry: Registry,
+        adapters_dir: Path,
+        max_batch_size: int,
+    ) -> None:
+        self._host = host
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.adapters_dir = adapters_dir
+        self.max_batch_size = max_batch_size
+        self._stop_ids = stop_ids(host.model, tokenizer)
+        config = host.model.config
+        self._max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._pending: deque[Ticket] = deque()
+        self._rows: list[_Row] = []
+        self._kv: KVBatch | None = None
+        self.counts = Counter[str]()
+        self.batch_sizes = Counter[int]()
+
+    def run(self) -> None:
+        """The thread body: drain commands, admit, decode one step, repeat."""
+        while True:
+            try:
+                if not self._drain(block=not self._rows and not self._pending):
+                    break
+                self._collect()
+                if self._pending and len(self._rows) < self.max_batch_size:
+                    self._admit()
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # a bug must not strand every waiting consumer
+                log.exception("engine worker error; failing the requests in the batch")
+                for row in self._rows:
+                    self._fail(row, exc)
+                self._rows, self._kv = [], None
+        for row in self._rows:
+            self._finish(row, "cancelled")
+        while self._pending:
+            ticket = self._pending.popleft()
+            self._release_all(ticket)
+            ticket.send("done", ("cancelled", 0))
+        self._rows, self._kv = [], None
+        for entry in list(self.registry.entries.values()):
+            if entry.resident:
+                self._host.detach(entry.name)
+                entry.resident = False
+
+    def _drain(self, block: bool) -> bool:
+        """Take every queued command; False once asked to stop."""
+        try:
+            item = self.inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            kind = item[0]
+            if kind == "stop":
+                return False
+            if kind == "request":
+                self._pending.append(item[1])
+            elif kind == "call":
+                _, fn, loop, future = item
+                try:
+                    result, error = fn(), None
+                except Exception as exc:
+                    result, error = None, exc
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _collect(self) -> None:
+        """Unload superseded versions nobody uses any more, and idle ones over the limit."""
+        for entry in self.registry.retired() + self.registry.evictable():
+            if entry.resident:
+                self._host.detach(entry.name)
+                entry.resident = False
+                log.info("adapter %s unloaded", entry.spec.version)
+
+    def load(self, entry: Entry, files: Any) -> None:
+        """Make room (least recently used idle adapters go), then attach the weights."""
+        for victim in self.registry.evictable(keep=entry):
+            self._host.detach(victim.name)
+            victim.resident = False
+            log.info("adapter %s evicted (least recently used)", victim.spec.version)
+        self._host.attach(entry.name, files)
+        entry.resident = True
+        self.registry.touch(entry)
+
+    def _ensure_resident(self, entry: Entry) -> bool:
+        if entry.resident:
+            self.registry.touch(entry)
+            return True
+        try:
+            self.load(entry, read_adapter(self.adapters_dir, entry.spec.path))
+            return True
+        except Exception as exc:
+            entry.load_failures += 1
+            self.counts["adapter_load_failures"] += 1
+            log.warning("adapter %s failed to load on demand: %s", entry.spec.version, exc)
+            return False
+
+    def _release_all(self, ticket: Ticket) -> None:
+        for entry in ticket.candidates:
+            self.registry.release(entry)
+        ticket.candidates = []
+
+    def _admit(self) -> None:
+        tickets: list[Ticket] = []
+        while self._pending and len(self._rows) + len(tickets) < self.max_batch_size:
+            ticket = self._pending.popleft()
+            if ticket.cancelled:
+                self._release_all(ticket)
+                ticket.send("done", ("cancelled", 0))
+            else:
+                tickets.append(ticket)
+        rows = [row for row in map(self._prepare, tickets) if row is not None]
+        if not rows:
+            return
+        self._route(rows)
+        try:
+            self._prefill(rows)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for row in rows:
+                self._fail(row, exc)
+
+    def _prepare(self, ticket: Ticket) -> _Row | None:
+        request = ticket.request
+        try:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            prompt = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            room = self._max_positions - len(prompt)
+            if room < 1:
+                raise ValueError(
+                    f"the conversation is {len(prompt)} tokens; the model reads at most "
+                    f"{self._max_positions - 1}: shorten it"
+                )
+        except Exception as exc:
+            self._release_all(ticket)
+            self.counts["failed"] += 1
+            ticket.send("error", exc if isinstance(exc, ValueError) else ValueError(str(exc)))
+            return None
+        sampling = request.sampling
+        generator = None
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        return _Row(
+            ticket=ticket,
+            entry=None,
+            prompt=prompt,
+            max_new=min(sampling.max_new_tokens, room),
+            detok=Detokenizer(self.tokenizer),
+            generator=generator,
+        )
+
+    def _route(self, rows: list[_Row]) -> None:
+        """Per row: personal adapter if in its scope, else shared if in scope, else base."""
+        scoped = [r for r in rows if r.ticket.candidates]
+        embeddings: dict[int, torch.Tensor] = {}
+        if scoped:
+            layers = {e.scope.layer for r in scoped for e in r.ticket.candidates}
+            texts = [_question(r.ticket.request) for r in scoped]
+            try:
+                embeddings = embed_base(
+                    self._host.model, self._host.modules, self.tokenizer, texts, layers
+                )
+            except Exception:
+                log.exception("scope embedding failed; routing these requests to the base model")
+        for i, row in enumerate(scoped):
+            chosen = None
+            for entry in row.ticket.candidates:
+                if chosen is None and _inside(entry, embeddings, i):
+                    if self._ensure_resident(entry):
+                        chosen = entry
+                        continue
+                self.registry.release(entry)
+            row.ticket.candidates = []
+            row.entry = chosen
+            row.name = chosen.name if chosen is not None else BASE
+        for row in rows:
+            version = row.entry.spec.version if row.entry is not None else None
+            row.ticket.send("route", (version, len(row.prompt)))
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[_Row]) -> None:
+        ids, mask = left_pad([r.prompt for r in rows], int(self.tokenizer.pad_token_id))
+        device = next(self._host.model.parameters()).device
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self._host.model.config)
+        out = forward(
+            self._host.model,
+            self._host.modules,
+            [r.name for r in rows],
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = KVBatch(cache, mask.to(device))
+        if self._kv is None or not self._rows:
+            self._kv = batch
+        else:
+            self._kv.merge(batch)
+        self._rows.extend(rows)
+        for row, logits in zip(rows, out.logits[:, -1, :], strict=True):
+            row.length = len(row.prompt)
+            self._emit(row, logits)
+        self._drop_finished()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        assert self._kv is not None
+        for row in self._rows:
+            if row.ticket.cancelled:
+                row.finish = "cancelled"
+        self._drop_finished()
+        if not self._rows:
+            return
+        kv, rows = self._kv, self._rows
+        device = kv.mask.device
+        try:
+            mask = kv.step_mask()
+            out = forward(
+                self._host.model,
+                self._host.modules,
+                [r.name for r in rows],
+                input_ids=torch.tensor([[r.last] for r in rows], device=device),
+                attention_mask=mask,
+                position_ids=torch.tensor([[r.length] for r in rows], device=device),
+                cache=kv.cache,
+                use_cache=True,
+            )
+        except Exception as exc:
+            log.exception("decode step failed; failing its %d requests", len(rows))
+            for row in rows:
+                self._fail(row, exc)
+            self._rows, self._kv = [], None
+            return
+        self.batch_sizes[len(rows)] += 1
+        for row, logits in zip(rows, out.logits[:, -1, :], strict=True):
+            row.length += 1
+            self._emit(row, logits)
+        self._drop_finished()
+
+    def _emit(self, row: _Row, logits: torch.Tensor) -> None:
+        sampling = row.ticket.request.sampling
+        token = sample(logits, sampling.temperature, sampling.top_p, row.generator)
+        if token in self._stop_ids:
+            row.finish = "stop"
+            return
+        row.last = token
+        row.generated += 1
+        self.counts["tokens"] += 1
+        text = row.detok.push(token)
+        if text:
+            row.ticket.send("text", (text, row.generated))
+        if row.generated >= row.max_new:
+            row.finish = "length"
+
+    def _drop_finished(self) -> None:
+        if not any(r.finish for r in self._rows):
+            return
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
+        for row in self._rows:
+            if row.finish is not None:
+                self._finish(row, row.finish)
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._kv = None
+        elif self._kv is not None:
+            self._kv.select(keep)
+
+    def _finish(self, row: _Row, reason: Finish) -> None:
+        rest = row.detok.flush() if reason != "cancelled" else ""
+        if rest:
+            row.ticket.send("text", (rest, row.generated))
+        row.ticket.send("done", (reason, row.generated))
+        if row.entry is not None:
+            self.registry.release(row.entry)
+            row.entry = None
+
+    def _fail(self, row: _Row, exc: Exception) -> None:
+        self.counts["failed"] += 1
+        if row.entry is not None:
+            self.registry.release(row.entry)
+            row.entry = None
+        row.ticket.send("error", RuntimeError(f"generation failed: {exc}"))
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _question(request: GenerationRequest) -> str:
+    for message in reversed(request.messages):
+        if message.role == "user":
+            return message.content
+    return ""
+
+
+def _inside(entry: Entry, embeddings: dict[int, torch.Tensor], i: int) -> bool:
+    query = embeddings.get(entry.scope.layer)
+    if query is None:
+        return False
+    try:
+        return bool(entry.scope.contains(query[i : i + 1])[0])
+    except Exception:  # a scope from another model (wrong width): never in scope
+        log.warning("adapter %s has an unusable scope", entry.spec.version)
+        return False
+
+
+def stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
