@@ -44,7 +44,7 @@ def make_engine(settings: Settings) -> InferenceEngine:
     )
 
 
-def learner_config(settings: Settings) -> Any:
+def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any:
     from learner.control import LearnerConfig
 
     return LearnerConfig(
@@ -52,6 +52,7 @@ def learner_config(settings: Settings) -> Any:
         adapters_dir=settings.adapters_dir,
         model=settings.model,
         device=settings.device,
+        dtype=settings.dtype,
         model_cache_dir=settings.model_cache_dir,
         system_prompt=settings.system_prompt,
         lora_r=settings.lora_r,
@@ -68,9 +69,9 @@ def learner_config(settings: Settings) -> Any:
         interval_minutes=settings.train_interval_minutes,
         cron=settings.train_cron,
         tracking_uri=settings.tracking_uri,
-        in_process=settings.learner_mode == "in_process",
-        hf_hub_token=(settings.hf_hub_token.get_secret_value() if settings.hf_hub_token else None),
-        hf_hub_repo=settings.hf_hub_repo,
+        in_process=(settings.learner_mode == "in_process") if in_process is None else in_process,
+        hf_token=(settings.hf_hub_token.get_secret_value() if settings.hf_hub_token else None),
+        hf_repo=settings.hf_hub_repo,
     )
 
 
@@ -93,9 +94,17 @@ def chat_config(settings: Settings) -> ChatConfig:
 
 @asynccontextmanager
 async def open_core(
-    settings: Settings, *, engine: InferenceEngine | None = None, schedule: bool = False
+    settings: Settings,
+    *,
+    engine: InferenceEngine | None = None,
+    learner_in_process: bool | None = None,
 ) -> AsyncIterator[Core]:
-    """Store, engine, learner and chat service, opened in order and closed in reverse."""
+    """Store, engine, learner and chat service, opened in order and closed in reverse.
+
+    With the learner in process, training jobs run here (each in a child process); otherwise
+    they are only queued, and the learner keeps the engine in step with what a separate
+    `ouro learner` worker publishes.
+    """
     from learner.control import LearnerControl
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +112,8 @@ async def open_core(
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store(settings.db_path))
         engine = await stack.enter_async_context(engine or make_engine(settings))
-        learner = LearnerControl(store, engine, learner_config(settings), schedule=schedule)
+        config = learner_config(settings, in_process=learner_in_process)
+        learner = LearnerControl(store, engine, config)
         await stack.enter_async_context(learner)
         service = ChatService(store, engine, learner, chat_config(settings))
         yield Core(settings, store, engine, learner, service)
@@ -126,13 +136,8 @@ async def run_bots(settings: Settings, *, console: str | None = None) -> int:
         return 2
     stop = asyncio.Event()
     _install_stop_signals(stop)
-    in_process = settings.learner_mode == "in_process"
-    async with open_core(settings, schedule=in_process) as core, AsyncExitStack() as stack:
+    async with open_core(settings) as core, AsyncExitStack() as stack:
         tasks: list[asyncio.Task[Any]] = []
-        if not in_process:
-            from learner.publish import sync_engine
-
-            tasks.append(asyncio.create_task(_sync_loop(core, stop, sync_engine)))
         if settings.telegram_token:
             from bot.telegram import TelegramBot
 
@@ -180,17 +185,6 @@ async def run_bots(settings: Settings, *, console: str | None = None) -> int:
     return 0
 
 
-async def _sync_loop(core: Core, stop: asyncio.Event, sync_engine: Any) -> None:
-    """When a separate learner worker publishes, the bot process picks the new versions up."""
-    while not stop.is_set():
-        try:
-            await sync_engine(core.store, core.engine)
-        except Exception:  # keep serving whatever is loaded
-            log.exception("adapter sync failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=2.0)
-
-
 async def _serve_api(core: Core, host: str, port: int, stop: asyncio.Event) -> None:
     from bot.http_api import create_app, serve
 
@@ -212,7 +206,7 @@ async def run_api(settings: Settings, *, host: str | None, port: int | None) -> 
     """`ouro serve`: the HTTP API alone (plus the in-process learner schedule)."""
     stop = asyncio.Event()
     _install_stop_signals(stop)
-    async with open_core(settings, schedule=settings.learner_mode == "in_process") as core:
+    async with open_core(settings) as core:
         await _serve_api(core, host or settings.api_host, port or settings.api_port, stop)
     return 0
 
@@ -220,15 +214,23 @@ async def run_api(settings: Settings, *, host: str | None, port: int | None) -> 
 async def run_learner_worker(settings: Settings, *, once: bool) -> int:
     """`ouro learner`: take jobs from the store; the bot process picks up published versions."""
     from learner.control import LearnerControl
-    from learner.worker import run_worker
+    from storage.models import JobStatus
 
     stop = asyncio.Event()
     _install_stop_signals(stop)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with Store(settings.db_path) as store:
-        learner = LearnerControl(store, None, learner_config(settings), schedule=not once)
-        async with learner:
-            await run_worker(learner, stop, once=once)
+        async with LearnerControl(store, None, learner_config(settings, in_process=True)):
+            log.info("learner worker running; waiting for jobs")
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                if once:
+                    busy = await store.list_jobs(status=JobStatus.QUEUED) or await store.list_jobs(
+                        status=JobStatus.RUNNING
+                    )
+                    if not busy:
+                        break
     return 0
 
 
@@ -259,7 +261,7 @@ async def retrain_once(settings: Settings, *, user: str | None, platform: str | 
     async def progress(line: str) -> None:
         print(line, flush=True)
 
-    async with open_core(settings) as core:
+    async with open_core(settings, learner_in_process=True) as core:
         target = await _resolve_user(core.store, user, platform)
         outcome = await core.learner.retrain(target.id if target else None, None, progress)
         print(outcome.summary)
@@ -269,7 +271,7 @@ async def retrain_once(settings: Settings, *, user: str | None, platform: str | 
 async def rollback_once(settings: Settings, *, user: str | None, platform: str | None) -> int:
     async with Store(settings.db_path) as store:
         target = await _resolve_user(store, user, platform)
-    async with open_core(settings) as core:
+    async with open_core(settings, learner_in_process=True) as core:
         active = await core.learner.rollback(target.id if target else None)
         who = f"user #{target.id}" if target else "the shared adapter"
         print(f"{who}: now {active.version if active else 'the base model'}")

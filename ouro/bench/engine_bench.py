@@ -12,6 +12,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def request(i: int, user: str | None, max_new_tokens: int) -> GenerationRequest:
     )
 
 
-async def timed_batch(engine: InferenceEngine, users: list[str | None], tokens: int) -> Timed:
+async def timed_batch(engine: InferenceEngine, users: Sequence[str | None], tokens: int) -> Timed:
     start = time.perf_counter()
     results = await asyncio.gather(
         *(engine.generate(request(i, u, tokens)) for i, u in enumerate(users))
