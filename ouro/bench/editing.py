@@ -1,0 +1,61 @@
+"""`ouro eval`: reliability, generalisation and locality after N corrections by one user.
+
+The learner retrains a user's adapter from all of their accepted corrections each time, so
+the adapter live after N sequential corrections is the one trained on those N: that is what
+is measured, in the WISE paper's columns (Rel., Gen., Loc.).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ouro.settings import Settings
+
+
+async def run_editing_eval(
+    settings: Settings, *, counts: tuple[int, ...], output: str | None
+) -> int:
+    import asyncio
+
+    from learner.dataset import question_set
+    from learner.evaluate import format_table, run_eval
+    from learner.types import LoraShape, TrainConfig
+    from model.loading import load_base_model
+
+    most = len(question_set()["facts"])
+    if not counts or any(not 1 <= c <= most for c in counts):
+        print(f"ouro eval: counts must be between 1 and {most}", file=sys.stderr)
+        return 2
+    model, tokenizer, source = load_base_model(
+        settings.model, device=settings.device, dtype="float32", cache_dir=settings.model_cache_dir
+    )
+    config = TrainConfig(
+        shape=LoraShape(r=settings.lora_r, alpha=settings.lora_alpha),
+        learning_rate=settings.learning_rate,
+        max_steps=settings.max_train_steps,
+        system_prompt=settings.system_prompt,
+    )
+    work = Path(tempfile.mkdtemp(prefix="ouro-eval-"))
+    rows = await asyncio.to_thread(
+        run_eval,
+        model,
+        tokenizer,
+        counts,
+        work_dir=work,
+        config=config,
+        cache_dir=settings.data_dir / "gate-cache",
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    text = (
+        f"# Knowledge-editing eval ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+        f"Command: `ouro eval --counts {','.join(map(str, counts))}`; model {source.name}.\n\n"
+        + format_table(rows)
+        + "\n"
+    )
+    print(text)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    return 0
