@@ -1,0 +1,254 @@
+"""Training and gating run in a child process, so the bots keep serving whatever happens there.
+
+The parent starts `python -m learner.process`, writes a JSON `TrainSpec` to its stdin and
+reads JSON lines back: `{"event": "progress", ...}` while training, then one
+`{"event": "result", "train": ..., "report": ...}`. Libraries that print are pointed at
+stderr, so stdout carries only this protocol. A crash, an out-of-memory kill or a timeout
+raises `TrainingFailed` in the parent; the child only ever wrote inside its temporary folder,
+which the caller deletes.
+
+Run `python -m learner.process < spec.json` by hand to debug one training run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTRY = "learner.process:train_and_gate"
+_LINE_LIMIT = 16 * 1024 * 1024
+
+Emit = Callable[[dict[str, Any]], None]
+ProgressFn = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything the child needs, as plain JSON: no live object crosses the process boundary.
+
+    `examples`/`replay` hold `learner.types.TrainExample` fields, `config` the `TrainConfig`
+    fields (with `shape` as a dict), `active_report` the active version's `GateReport` fields.
+    `entry` is "module:function" or "/path/file.py:function" (tests swap the trainer).
+    """
+
+    out_dir: str
+    examples: list[dict[str, Any]]
+    config: dict[str, Any]
+    replay: list[dict[str, Any]] = field(default_factory=list)
+    model: str = "bundled"
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = None  # converted base model cache
+    gate_cache_dir: str | None = None  # the gate's base-model reference answers
+    floors: dict[str, float] = field(default_factory=dict)
+    active_report: dict[str, Any] | None = None
+    other_questions: list[str] = field(default_factory=list)
+    entry: str = DEFAULT_ENTRY
+    nice: int = 10  # CPU priority below the bots', so chat stays fast while training runs
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    train: dict[str, Any]  # TrainResult fields
+    report: dict[str, Any]  # GateReport fields
+
+
+class TrainingFailed(Exception):
+    """The child crashed, was killed, timed out or reported an error; nothing was published."""
+
+
+TrainRunner = Callable[[TrainSpec, ProgressFn], Awaitable[TrainOutput]]
+
+
+async def run_in_subprocess(
+    spec: TrainSpec, progress: ProgressFn, *, time_limit: float | None = None
+) -> TrainOutput:
+    """Run `spec` in a fresh Python process, forwarding its progress, and return its result.
+
+    Awaited asynchronously, so the caller's event loop keeps serving. Cancelling the caller
+    kills the child.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "learner.process",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=_LINE_LIMIT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+        start_new_session=True,  # its own process group: killing it leaves no orphans
+    )
+    assert proc.stdin and proc.stdout and proc.stderr
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    drain = asyncio.create_task(_drain(proc.stderr, tail))
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        proc.stdin.write(json.dumps(asdict(spec)).encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        async with asyncio.timeout(time_limit):
+            async for raw in proc.stdout:
+                event = _parse(raw)
+                if event is None:
+                    continue
+                kind = event.pop("event", None)
+                if kind == "progress":
+                    await progress(event)
+                elif kind == "result":
+                    result = event
+                elif kind == "error":
+                    error = str(event.get("message", "unknown error"))
+            code = await proc.wait()
+    except TimeoutError:
+        raise TrainingFailed(f"training took longer than {time_limit} s and was stopped") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        await drain
+    if error is not None or code != 0 or result is None:
+        log.warning("the training process failed; its last output:\n%s", "\n".join(tail))
+    if error is not None:
+        raise TrainingFailed(f"training failed: {error}")
+    if code != 0 or result is None:
+        raise TrainingFailed(_describe_exit(code, list(tail)))
+    return TrainOutput(train=dict(result.get("train", {})), report=dict(result.get("report", {})))
+
+
+async def _drain(stream: asyncio.StreamReader, tail: collections.deque[str]) -> None:
+    """Keep the child's stderr flowing (a full pipe would block it) and remember its end."""
+    async for raw in stream:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            tail.append(line)
+            log.debug("trainer: %s", line)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _describe_exit(code: int, tail: list[str]) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        why = f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    elif code == 0:
+        why = "ended without a result"
+    else:
+        why = f"exited with status {code}"
+    last = " | ".join(tail[-3:])
+    return f"the training process {why}" + (f": {last}" if last else "")
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """Default entry: load the base model, train the candidate into `out_dir`, gate it."""
+    from learner.gate import GateFloors, evaluate_candidate
+    from learner.train import train_adapter
+    from learner.types import GateReport, LoraShape, TrainConfig, TrainExample
+    from model.loading import load_base_model
+
+    model, tokenizer, _ = load_base_model(
+        spec["model"], device=spec["device"], dtype=spec["dtype"], cache_dir=spec["cache_dir"]
+    )
+
+    def example(fields: dict[str, Any]) -> TrainExample:
+        return TrainExample(**{**fields, "rewordings": tuple(fields.get("rewordings", ()))})
+
+    examples = [example(e) for e in spec["examples"]]
+    replay = [example(e) for e in spec["replay"]]
+    settings = dict(spec["config"])
+    shape = dict(settings.pop("shape", {}))
+    if "target_modules" in shape:
+        shape["target_modules"] = tuple(shape["target_modules"])
+    config = TrainConfig(shape=LoraShape(**shape), **settings)
+    emit({"event": "progress", "stage": "training", "step": 0, "loss": None})
+    result = train_adapter(
+        model,
+        tokenizer,
+        examples,
+        config,
+        spec["out_dir"],
+        replay=replay,
+        progress=lambda p: emit({"event": "progress", "stage": "training", **p}),
+    )
+    emit({"event": "progress", "stage": "gate", "step": result.steps, "loss": None})
+    active = spec.get("active_report")
+    floors = GateFloors(**{f"min_{name}": value for name, value in spec["floors"].items()})
+    report = evaluate_candidate(
+        model,
+        tokenizer,
+        result.adapter_dir,
+        examples,
+        cache_dir=spec.get("gate_cache_dir") or spec["out_dir"],
+        system_prompt=config.system_prompt,
+        floors=floors,
+        active=GateReport(**active) if active else None,
+        other_questions=tuple(spec.get("other_questions", ())),
+    )
+    return {"train": asdict(result), "report": asdict(report)}
+
+
+def _load_entry(entry: str) -> Callable[[dict[str, Any], Emit], dict[str, Any]]:
+    target, _, name = entry.rpartition(":")
+    if target.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    func: Callable[[dict[str, Any], Emit], dict[str, Any]] = getattr(module, name)
+    return func
+
+
+def main() -> int:
+    """Child side: read the spec from stdin, stream progress and the result on stdout."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr
+
+    def emit(event: dict[str, Any]) -> None:
+        protocol.write(json.dumps(event, default=str) + "\n")
+        protocol.flush()
+
+    try:
+        spec = json.loads(sys.stdin.read())
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(int(spec.get("nice", 0)))
+        output = _load_entry(spec.get("entry") or DEFAULT_ENTRY)(spec, emit)
+        emit({"event": "result", **output})
+    except Exception as exc:
+        traceback.print_exc()
+        emit({"event": "error", "message": f"{exc.__class__.__name__}: {exc}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

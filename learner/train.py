@@ -1,0 +1,276 @@
+"""Train one adapter version: a fresh LoRA of the fixed shape on a user's corrections + its scope.
+
+The base model object is borrowed: LoRA layers are injected, trained and removed again, so the
+caller's weights are untouched (a test checks this). Training stops as soon as every phrasing
+of every correction is answered exactly (teacher-forced check), which on the bundled model is
+a handful of steps: that is most of the correction-to-live time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.dataset import build_dataset, encode, expand
+from learner.forced import score
+from learner.scope_fit import fit_scope, general_fit_prompts
+from learner.types import LoraShape, TrainConfig, TrainExample, TrainResult
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 16
+CHECK_BELOW_LOSS = 0.25  # only run the (costlier) exactness check once the loss is this low
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def lora_config(shape: LoraShape) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=shape.r,
+        lora_alpha=shape.alpha,
+        lora_dropout=shape.dropout,
+        target_modules=list(shape.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _attach_lora(model: Any, shape: LoraShape) -> Any:
+    """peft everywhere; Unsloth's kernels when CUDA and unsloth are present (never required)."""
+    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
+        try:
+            from unsloth import FastLanguageModel
+
+            return FastLanguageModel.get_peft_model(
+                model,
+                r=shape.r,
+                lora_alpha=shape.alpha,
+                lora_dropout=shape.dropout,
+                target_modules=list(shape.target_modules),
+                bias="none",
+            )
+        except Exception as exc:  # a model Unsloth did not load: plain peft is always right
+            log.info("unsloth not used (%s); training with peft", exc)
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(shape))
+
+
+class _Monitor:
+    """Per-step callback: report progress, stop once every correction is answered exactly."""
+
+    def __init__(
+        self,
+        model: Any,
+        probes: list[tuple[list[int], list[int]]],
+        pad_id: int,
+        max_steps: int,
+        check_every: int,
+        progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.model, self.probes, self.pad_id = model, probes, pad_id
+        self.max_steps, self.check_every, self.progress = max_steps, check_every, progress
+        self.losses: list[float] = []
+        self.learned = False
+        self._last_check = -check_every
+
+    def after_step(self, step: int, loss: float) -> bool:
+        """Return True to stop training."""
+        self.losses.append(loss)
+        if self.progress is not None:
+            self.progress({"step": step, "max_steps": self.max_steps, "loss": loss})
+        if loss > CHECK_BELOW_LOSS or step - self._last_check < self.check_every:
+            return False
+        self._last_check = step
+        self.learned = all(s.exact for s in score(self.model, self.probes, pad_id=self.pad_id))
+        return self.learned
+
+
+def _callback(monitor: _Monitor) -> Any:
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):  # type: ignore[misc]
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if (
+                logs
+                and "loss" in logs
+                and monitor.after_step(state.global_step, float(logs["loss"]))
+            ):
+                control.should_training_stop = True
+
+    return _Callback()
+
+
+def _trainer(peft_model: Any, tokenizer: Any, dataset: Any, config: TrainConfig, work: Path) -> Any:
+    common: dict[str, Any] = {
+        "output_dir": str(work),
+        "max_steps": config.max_steps,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "per_device_train_batch_size": min(BATCH_SIZE, len(dataset)),
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": False,
+        "fp16": False,
+    }
+    if config.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        dpo_args = DPOConfig(**common, loss_type=["sigmoid", "sft"], beta=0.1)
+        return DPOTrainer(
+            model=peft_model, args=dpo_args, train_dataset=dataset, processing_class=tokenizer
+        )
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**common, completion_only_loss=True, max_length=None, packing=False)
+    return SFTTrainer(
+        model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    """A temp folder beside `out_dir`; refuse to overwrite a non-empty version folder."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already holds files; adapter versions are never reused")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+
+
+def train_adapter(
+    model: Any,
+    tokenizer: Any,
+    examples: list[TrainExample],
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    replay: Sequence[TrainExample] = (),
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    general_prompts: Sequence[str] | None = None,
+) -> TrainResult:
+    """Train a fresh LoRA on `examples` (+ `replay`), fit its scope, write both into `out_dir`.
+
+    `general_prompts` are the scope's negatives (default: the shipped fitting set). The files
+    appear in `out_dir` only once complete (written to a temp folder, then renamed).
+    """
+    started = time.monotonic()
+    if not examples:
+        raise ValueError("no corrections to train on")
+    if config.max_steps < 1:
+        raise ValueError("max_steps must be at least 1")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds files; adapter versions are never reused")
+    torch.manual_seed(config.seed)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    dataset = build_dataset([*examples, *replay], tokenizer, config.system_prompt, config.method)
+    probes = [
+        encode(tokenizer, p.messages, p.answer)
+        for ex in examples
+        for p in expand(ex, config.system_prompt)
+    ]
+    negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
+    scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives)
+
+    tmp = _prepare_out_dir(out)
+    state = _model_state(model)
+    _unmark_gguf(model)
+    peft_model = _attach_lora(model, config.shape)
+    try:
+        steps_per_epoch = -(-len(dataset) // min(BATCH_SIZE, len(dataset)))
+        monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, steps_per_epoch, progress)
+        trainer = _trainer(peft_model, tokenizer, dataset, config, tmp / "trainer")
+        trainer.add_callback(_callback(monitor))
+        trainer.train()
+        if not monitor.learned:  # ran out of steps: one last look at the final weights
+            monitor.learned = all(s.exact for s in score(peft_model, probes, pad_id=pad_id))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        scope.save(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _restore(peft_model, model, state)
+    return TrainResult(
+        adapter_dir=str(out),
+        steps=len(monitor.losses),
+        losses=monitor.losses,
+        seconds=time.monotonic() - started,
+        learned=monitor.learned,
+        scope=scope_metrics,
+    )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    for name in ADAPTER_FILES:
+        if not (tmp / name).is_file():
+            raise RuntimeError(f"peft did not write {name}")
+    for stray in tmp.iterdir():
+        if stray.name not in (*ADAPTER_FILES, "scope.safetensors"):
+            if stray.is_dir():
+                shutil.rmtree(stray)
+            else:
+                stray.unlink()
+    if out.exists():
+        out.rmdir()  # empty (checked before training)
+    os.replace(tmp, out)
+
+
+def _model_state(model: Any) -> dict[str, Any]:
+    return {
+        "training": model.training,
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "use_cache": getattr(model.config, "use_cache", None),
+        "hf_quantizer": getattr(model, "hf_quantizer", None),
+        "is_quantized": vars(model).get("is_quantized"),
+    }
+
+
+def _unmark_gguf(model: Any) -> None:
+    """GGUF weights are dequantised at load, yet transformers keeps a GGUF quantizer on the model
+    and the Trainer then refuses to train; the weights are plain tensors, so hide the marker."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        model.is_quantized = False
+
+
+def _restore(peft_model: Any, model: Any, state: dict[str, Any]) -> None:
+    """Take the LoRA layers out again and put back what the trainer changed on the model."""
+    base = peft_model.unload()
+    if base is not model:
+        log.warning("peft returned a different base model object; the caller's model was restored")
+    for name, param in model.named_parameters():
+        param.requires_grad_(state["requires_grad"].get(name, param.requires_grad))
+    if state["use_cache"] is not None:
+        model.config.use_cache = state["use_cache"]
+    model.train(state["training"])
+    if state["hf_quantizer"] is not None:
+        model.hf_quantizer = state["hf_quantizer"]
+    if state["is_quantized"] is not None:
+        model.is_quantized = state["is_quantized"]
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(model):
+            delattr(model, attr)

@@ -1,0 +1,58 @@
+"""The eval benchmark: rows in the WISE columns, a markdown table, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import learner_fixtures
+import pytest
+
+from learner.evaluate import fact_examples, format_table, run_eval
+from learner.types import TrainConfig
+
+tiny = learner_fixtures.tiny
+
+
+def test_fact_examples_hold_out_one_rewording() -> None:
+    train, held = fact_examples(3)
+    assert len(train) == len(held) == 3
+    for t, h in zip(train, held, strict=True):
+        assert t.prompt == h.prompt and t.answer == h.answer
+        assert len(h.rewordings) == 1 and h.rewordings[0] not in t.rewordings
+        assert len(t.rewordings) >= 2
+    with pytest.raises(ValueError, match="between 1 and"):
+        fact_examples(0)
+    with pytest.raises(ValueError, match="between 1 and"):
+        fact_examples(10_000)
+
+
+def test_run_eval_reports_each_count(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=30, system_prompt="sys")
+    lines: list[str] = []
+    rows = run_eval(model, tok, counts=(1,), work_dir=tmp_path, config=cfg, log=lines.append)
+    assert [r["corrections"] for r in rows] == [1]
+    row = rows[0]
+    for key in ("rel", "gen", "loc", "avg"):
+        assert 0.0 <= row[key] <= 1.0
+    assert row["avg"] == pytest.approx((row["rel"] + row["gen"] + row["loc"]) / 3)
+    assert row["rel"] == 1.0 and row["learned"]  # the tiny model learns one fact
+    assert Path(row["adapter_dir"], "adapter_model.safetensors").is_file()
+    assert len(lines) == 1 and lines[0].startswith("| 1 |")
+
+
+def test_format_table_is_markdown() -> None:
+    row = {
+        "corrections": 10,
+        "rel": 1.0,
+        "gen": 0.9,
+        "loc": 0.98,
+        "avg": 0.96,
+        "steps": 12,
+        "train_seconds": 42.4,
+        "gate_seconds": 3.2,
+    }
+    table = format_table([row]).splitlines()
+    assert table[0].startswith("| Corrections | Rel. | Gen. | Loc. | Avg. |")
+    assert table[2] == "| 10 | 1.00 | 0.90 | 0.98 | 0.96 | 12 | 42 | 3 |"

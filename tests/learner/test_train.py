@@ -1,0 +1,160 @@
+"""train_adapter: changes only the LoRA, leaves the base model as it was, writes trusted files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import learner_fixtures
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learner.dataset import question_set
+from learner.forced import score
+from learner.gate import evaluate_candidate
+from learner.train import train_adapter
+from learner.types import LoraShape, TrainConfig, TrainExample
+from model.scope import Scope
+
+bundled = learner_fixtures.bundled
+tiny = learner_fixtures.tiny
+
+FAST = TrainConfig(learning_rate=1e-2, max_steps=40, system_prompt="sys", seed=1)
+CAT = TrainExample(
+    prompt=[{"role": "user", "content": "Cat?"}], answer="Pixel.", rewordings=("The cat?",)
+)
+GENERAL = ["What is the capital of France?", "Hello!", "How many days are in a week?"]
+
+
+def _snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_trains_lora_only_and_restores_the_base_model(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    before = _snapshot(model)
+    names_before = {n for n, _ in model.named_modules()}
+    seen: list[dict[str, Any]] = []
+    result = train_adapter(
+        model, tok, [CAT], FAST, tmp_path / "v1", progress=seen.append, general_prompts=GENERAL
+    )
+
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n for n, _ in model.named_modules()} == names_before  # no LoRA layers left behind
+    assert not model.training and type(model).__name__ == "LlamaForCausalLM"
+
+    folder = Path(result.adapter_dir)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "scope.safetensors",
+    ]
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: it trained
+    config = json.loads((folder / "adapter_config.json").read_text())
+    shape = LoraShape()
+    assert (config["r"], config["lora_alpha"]) == (shape.r, shape.alpha)
+    assert set(config["target_modules"]) == set(shape.target_modules)
+    assert Scope.load(folder).keys.shape[0] == 1
+
+    assert result.steps == len(result.losses) == len(seen) >= 1
+    assert seen[0] == {"step": 1, "max_steps": 40, "loss": result.losses[0]}
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_stops_early_once_the_correction_is_answered_exactly(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    result = train_adapter(model, tok, [CAT], FAST, tmp_path / "v1", general_prompts=GENERAL)
+    assert result.learned and result.steps < FAST.max_steps
+
+    from learner.dataset import encode, with_system
+    from learner.gate import candidate
+
+    item = encode(tok, with_system(CAT.prompt, "sys"), CAT.answer)
+    assert not score(model, [item], pad_id=tok.pad_token_id)[0].exact  # the base did not know
+    with candidate(model, result.adapter_dir) as peft_model:
+        assert score(peft_model, [item], pad_id=tok.pad_token_id)[0].exact
+        prompt = torch.tensor([item[0]])
+        out = peft_model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False)
+    assert tok.decode(out[0, len(item[0]) :], skip_special_tokens=True) == "Pixel."
+
+
+def test_same_shape_every_run_and_a_second_run_works(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=2, seed=0)
+    dog = TrainExample(prompt=[{"role": "user", "content": "Dog?"}], answer="Rex.")
+    a = train_adapter(model, tok, [CAT], cfg, tmp_path / "a", general_prompts=GENERAL)
+    b = train_adapter(model, tok, [CAT, dog], cfg, tmp_path / "b", general_prompts=GENERAL)
+    wa = load_file(str(Path(a.adapter_dir) / "adapter_model.safetensors"))
+    wb = load_file(str(Path(b.adapter_dir) / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+
+
+def test_dpo_trains_too(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny
+    before = _snapshot(model)
+    ex = TrainExample(prompt=CAT.prompt, answer="Pixel.", rejected="Tom.")
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=2, method="dpo")
+    result = train_adapter(model, tok, [ex], cfg, tmp_path / "d", general_prompts=GENERAL)
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_refuses_to_overwrite_a_version_and_keeps_its_files(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    taken = tmp_path / "v1"
+    taken.mkdir()
+    (taken / "adapter_model.safetensors").write_bytes(b"live")
+    with pytest.raises(FileExistsError):
+        train_adapter(model, tok, [CAT], FAST, taken, general_prompts=GENERAL)
+    assert (taken / "adapter_model.safetensors").read_bytes() == b"live"
+    with pytest.raises(ValueError, match="no corrections"):
+        train_adapter(model, tok, [], FAST, tmp_path / "v2")
+    with pytest.raises(ValueError, match="empty"):
+        bad = TrainExample(prompt=[{"role": "user", "content": "q"}], answer="")
+        train_adapter(model, tok, [bad], FAST, tmp_path / "v3", general_prompts=GENERAL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]  # no stray temp folders
+
+
+@pytest.mark.slow
+def test_bundled_model_learns_corrections_and_keeps_other_answers(
+    bundled: tuple[Any, Any],
+    tmp_path: Path,
+) -> None:
+    model, tok = bundled
+    facts = question_set()["facts"][:4]
+    examples = [
+        TrainExample(
+            prompt=[{"role": "user", "content": f["question"]}],
+            answer=f["answer"],
+            rewordings=tuple(f["rewordings"]),
+        )
+        for f in facts
+    ]
+    cfg = TrainConfig(system_prompt="You are Ouro, a helpful assistant.")
+    result = train_adapter(model, tok, examples, cfg, tmp_path / "v1")
+    assert result.learned
+
+    held_out = [
+        TrainExample(prompt=e.prompt, answer=e.answer, rewordings=(f["heldout"],))
+        for e, f in zip(examples, facts, strict=True)
+    ]
+    cache = tmp_path / "refs"
+    report = evaluate_candidate(
+        model, tok, result.adapter_dir, held_out, cache_dir=cache, system_prompt=cfg.system_prompt
+    )
+    assert report.uptake == 1.0
+    assert report.generalisation >= 0.75
+    assert report.retention >= 0.95
+    assert report.passed, report.reasons
