@@ -37,7 +37,15 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "httpcore", "discord.gateway", "alembic", "urllib3"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "discord.gateway",
+        "alembic",
+        "urllib3",
+        "apscheduler",
+        "mlflow",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
