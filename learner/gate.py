@@ -35,7 +35,9 @@ class GateFloors:
     min_uptake: float = 0.8
     min_generalisation: float = 0.0
     min_retention: float = 0.95
-    max_perplexity_ratio: float = 1.05  # routed / base perplexity on the held-out answers
+    # routed / base perplexity on held-out answers; one general prompt that falls inside the
+    # scope moves the mean by several percent, and retention already guards locality
+    max_perplexity_ratio: float = 1.10
     tolerance: float = 0.0  # how much worse than the active version's report is still accepted
 
 
@@ -66,7 +68,7 @@ def _model_key(model: Any, tokenizer: Any, system_prompt: str) -> str:
     first = next(model.parameters())
     parts = [
         model.config.to_json_string(),
-        str(getattr(model.config, "name_or_path", "")),
+        Path(str(getattr(model.config, "name_or_path", ""))).name,  # not where it was loaded from
         repr(float(first.detach().float().sum())),
         str(getattr(tokenizer, "chat_template", "")),
         system_prompt,
