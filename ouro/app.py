@@ -285,17 +285,14 @@ async def export_user(settings: Settings, *, user: str, platform: str | None) ->
 
 
 async def forget_user(settings: Settings, *, user: str, platform: str | None) -> int:
-    import shutil
-    from pathlib import Path
+    """The same forget as the chat's /forget: rows, adapter folders and MLflow runs."""
+    from learner.control import LearnerControl
 
     async with Store(settings.db_path) as store:
         found = await _resolve_user(store, user, platform)
-        paths = await store.forget_user(found.id)
-    for path in paths:
-        resolved = Path(path).resolve()
-        if settings.adapters_dir.resolve() in resolved.parents:
-            shutil.rmtree(resolved, ignore_errors=True)
-    print(f"forgot user #{found.id}: every row and {len(paths)} adapter folder(s) deleted")
+        learner = LearnerControl(store, None, learner_config(settings, in_process=False))
+        await learner.forget(found.id)
+    print(f"forgot user #{found.id}: every row, adapter and tracked run deleted")
     return 0
 
 

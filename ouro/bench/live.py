@@ -8,6 +8,7 @@ through the chat service, comes back with the corrected answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -60,7 +61,7 @@ async def one_run(settings: Settings, count: int, timeout_s: float) -> dict[str,
                 if ok == len(facts) or ok / len(facts) >= 0.8:
                     live = time.perf_counter() - stored_at
                     break
-            await _sleep(1.0)
+            await asyncio.sleep(1.0)
         user = await core.store.find_user("console", "bench")
         active = await core.store.active_adapter("personal", user.id) if user else None
         metrics = active.metrics if active else {}
@@ -72,12 +73,6 @@ async def one_run(settings: Settings, count: int, timeout_s: float) -> dict[str,
         "retention": metrics.get("retention"),
         "train_s": metrics.get("train_seconds"),
     }
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
 async def _ask(service: Any, actor: Actor, question: str) -> str:
