@@ -85,14 +85,20 @@ def llama_cpp_generate(gguf: Path, tokens: int) -> Timed | None:
     return Timed(int(out["usage"]["completion_tokens"]), time.perf_counter() - start)
 
 
+def seed_adapters(base_model: Any, adapters_dir: Path, prefix: str, first_seed: int) -> list[Path]:
+    """Two adapters with distinct random weights, made once; versions are hard-linked copies."""
+    seeds = [adapters_dir / f"{prefix}-seed-a", adapters_dir / f"{prefix}-seed-b"]
+    for i, folder in enumerate(seeds):
+        if not (folder / "adapter_model.safetensors").exists():
+            make_random_adapter(base_model, folder, seed=first_seed + i)
+    return seeds
+
+
 async def register_adapters(
     engine: InferenceEngine, base_model: Any, adapters_dir: Path, count: int, prefix: str
 ) -> list[str]:
     """`count` personal adapters (owners bench0..), two distinct weight sets, hard-linked."""
-    seeds = [adapters_dir / f"{prefix}-seed-a", adapters_dir / f"{prefix}-seed-b"]
-    for i, folder in enumerate(seeds):
-        if not (folder / "adapter_model.safetensors").exists():
-            make_random_adapter(base_model, folder, seed=i + 1)
+    seeds = seed_adapters(base_model, adapters_dir, prefix, first_seed=1)
     owners = []
     for i in range(count):
         version = f"{prefix}-{i}"
@@ -196,10 +202,7 @@ async def bench_swap(
     tokens: int,
 ) -> dict[str, Any]:
     """16 users chat while the shared adapter gets a new version every second."""
-    seeds = [adapters_dir / "swap-seed-a", adapters_dir / "swap-seed-b"]
-    for i, folder in enumerate(seeds):
-        if not (folder / "adapter_model.safetensors").exists():
-            make_random_adapter(base_model, folder, seed=10 + i)
+    seeds = seed_adapters(base_model, adapters_dir, "swap", first_seed=10)
     # reference answer of every weight set for every prompt, served alone
     reference: dict[tuple[int, int], str] = {}
     for s, folder in enumerate(seeds):
