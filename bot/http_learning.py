@@ -30,7 +30,8 @@ def learning_router(ctx: ApiContext) -> APIRouter:
         summary="Correct an answer",
         description="`message_id` is the `id` of a chat completion this `user` received. The "
         "correction is stored (status `pending`), validated, then learned into the user's "
-        "adapter at the next training run; `detail` says when.",
+        "adapter at the next training run; `detail` says when. `status` is the stored status "
+        "at reply time: `accepted` or `rejected` when the learner validated it meanwhile.",
         responses=documented(400, 403, 404, 413, 422, 429),
     )
     async def create_correction(body: CorrectionRequest) -> CorrectionCreated:

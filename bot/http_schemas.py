@@ -328,8 +328,14 @@ class JobOut(BaseModel):
     status: str = Field(description="queued | running | succeeded | failed")
     target_user_id: int | None
     progress: dict[str, Any]
-    metrics: dict[str, Any] = Field(description="Training and gate metrics, once known.")
-    gate: dict[str, Any] | None = Field(description="What the gate decided, once it has.")
+    metrics: dict[str, Any] = Field(
+        description="Per candidate version: the gate's scores (uptake, generalisation, "
+        "retention, perplexity) and training steps and seconds, once known."
+    )
+    gate: dict[str, Any] | None = Field(
+        description="What the gate decided, once it has: promoted and rejected versions, and "
+        "why each rejected one was refused."
+    )
     result: dict[str, Any]
     error: str | None
     log_tail: str
@@ -345,8 +351,17 @@ class JobOut(BaseModel):
                     "status": "succeeded",
                     "target_user_id": 7,
                     "progress": {"step": 40, "total": 40, "loss": 0.12},
-                    "metrics": {"uptake": 1.0, "retention": 1.0},
-                    "gate": {"promoted": ["u7-20260101-0001"], "rejected": []},
+                    "metrics": {
+                        "u7-20260101-0001": {
+                            "uptake": 1.0,
+                            "generalisation": 1.0,
+                            "retention": 1.0,
+                            "perplexity": 6.1,
+                            "steps": 4,
+                            "train_seconds": 9.8,
+                        }
+                    },
+                    "gate": {"promoted": ["u7-20260101-0001"], "rejected": [], "reasons": {}},
                     "result": {},
                     "error": None,
                     "log_tail": "step 40/40 · loss 0.12\npromoted u7-20260101-0001",

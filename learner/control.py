@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from learner import publish as pub
 from learner.job import JobContext, JobOutcome
-from learner.process import DEFAULT_ENTRY, TrainRunner
+from learner.process import DEFAULT_ENTRY, TrainRunner, WarmTrainer
 from learner.scheduler import LearnerScheduler, corrections_ready
 from learner.tracking import Tracker, owner_hash, tracking_key
 from learner.types import LoraShape, TrainConfig
@@ -94,6 +94,10 @@ class LearnerConfig:
         default=True, metadata=_help("Run jobs here (False: `ouro learner` does).")
     )
     train_timeout_s: float = field(default=3600.0, metadata=_help("Kill a trainer running longer."))
+    warm_trainer: bool = field(
+        default=True,
+        metadata=_help("Keep a trainer process with the base model loaded between runs."),
+    )
     poll_seconds: float = field(default=5.0, metadata=_help("Job queue poll interval."))
     sync_seconds: float = field(
         default=5.0, metadata=_help("Engine/store sync interval (worker mode).")
@@ -164,11 +168,23 @@ class LearnerControl:
         if tracker is None and config.tracking:
             tracker = Tracker(config.resolved_tracking_uri, config.data_dir / "mlflow-artifacts")
         self.store, self.engine, self.config = store, engine, config
+        self.warm: WarmTrainer | None = None
+        if runner is None and config.in_process and config.warm_trainer:
+            preload = None
+            if config.train_entry == DEFAULT_ENTRY:  # another entry may not want the model
+                preload = {
+                    "model": config.model,
+                    "device": config.device,
+                    "dtype": config.dtype,
+                    "cache_dir": str(config.model_cache_dir) if config.model_cache_dir else None,
+                }
+            self.warm = WarmTrainer(time_limit=config.train_timeout_s, preload=preload)
         self.ctx = JobContext(
             store=store,
             config=config,
             engine=engine,
             runner=runner,
+            warm=self.warm,
             tracker=tracker,
             tracking_key=tracking_key(config.data_dir) if tracker is not None else b"",
         )
@@ -202,6 +218,8 @@ class LearnerControl:
                 on_finished=self._finished,
             )
             self._tasks.append(asyncio.create_task(worker, name="ouro-learner"))
+            if self.warm is not None and self.warm.preload is not None:
+                self._tasks.append(asyncio.create_task(self._prewarm(), name="ouro-trainer"))
         elif self.engine is not None:
             sync = pub.sync_engine_every(
                 self.store, self.engine, self.config.sync_seconds, self._stop
@@ -219,6 +237,15 @@ class LearnerControl:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.warm is not None:
+            await self.warm.close()
+
+    async def _prewarm(self) -> None:
+        assert self.warm is not None
+        try:
+            await self.warm.warm()
+        except Exception as exc:  # the first run will start it again and report any failure
+            log.warning("could not start the trainer process ahead of time: %s", exc)
 
     async def __aenter__(self) -> Self:
         await self.start()

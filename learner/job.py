@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from learner import publish as pub
-from learner.process import TrainingFailed, TrainOutput, TrainRunner, TrainSpec, run_in_subprocess
+from learner.process import (
+    TrainingFailed,
+    TrainOutput,
+    TrainRunner,
+    TrainSpec,
+    WarmTrainer,
+    run_in_subprocess,
+)
 from learner.tracking import Tracker, owner_hash
 from learner.types import TrainExample
 from learner.validate import newest_per_question, normalise, shared_learnable, validate_pending
@@ -54,14 +61,17 @@ class JobContext:
     store: Store
     config: LearnerConfig
     engine: InferenceEngine | None = None
-    runner: TrainRunner | None = None  # default: a child process with the config's timeout
+    runner: TrainRunner | None = None  # default: `warm`, else a fresh child process per run
     tracker: Tracker | None = None
     tracking_key: bytes = b""
     progress: Say | None = None  # human progress lines, besides the job's log
+    warm: WarmTrainer | None = None  # a long-lived trainer child with the base model loaded
 
     def run_training(self) -> TrainRunner:
         if self.runner is not None:
             return self.runner
+        if self.warm is not None:
+            return self.warm
         return functools.partial(run_in_subprocess, time_limit=self.config.train_timeout_s)
 
 
@@ -133,6 +143,12 @@ async def run_job(job: TrainingJob, ctx: JobContext) -> JobOutcome:
         "rejected": [a.version for a in rejected],
         "summary": summary,
         "seconds": round(seconds, 2),
+        "metrics": {a.version: job_metrics(a) for a in promoted + rejected},
+        "gate": {
+            "promoted": [a.version for a in promoted],
+            "rejected": [a.version for a in rejected],
+            "reasons": {a.version: a.reason for a in rejected if a.reason},
+        },
     }
     status = JobStatus.FAILED if failures else JobStatus.SUCCEEDED
     error = "; ".join(failures) or None
@@ -203,9 +219,12 @@ async def train_and_publish(
     store, cfg = ctx.store, ctx.config
     active = await store.active_adapter(plan.scope, plan.owner_id)
     owner = owner_hash(plan.owner_id, ctx.tracking_key)
-    run_id = None
+    # the MLflow run opens while the child trains (importing mlflow alone takes seconds)
+    opening = None
     if ctx.tracker is not None:
-        run_id = await ctx.tracker.start_run(run_params(plan, cfg, owner), {"ouro.owner": owner})
+        opening = asyncio.create_task(
+            ctx.tracker.start_run(run_params(plan, cfg, owner), {"ouro.owner": owner})
+        )
     temp = pub.new_temp_dir(cfg.adapters)  # everything the child writes stays inside this
     spec = TrainSpec(
         out_dir=str(temp / "adapter"),
@@ -233,17 +252,24 @@ async def train_and_publish(
         output = await ctx.run_training()(spec, on_progress)
     except Exception as exc:
         pub.remove_folders([temp], cfg.adapters)
-        if ctx.tracker is not None:
+        if ctx.tracker is not None and opening is not None:
             await ctx.tracker.finish_run(
-                run_id, metrics={}, tags={"ouro.decision": "failed"}, adapter_dir=None, failed=True
+                await opening,
+                metrics={},
+                tags={"ouro.decision": "failed"},
+                adapter_dir=None,
+                failed=True,
             )
         if isinstance(exc, TrainingFailed):
             raise
         raise TrainingFailed(f"{exc.__class__.__name__}: {exc}") from exc
     except BaseException:  # cancelled (shutdown): the job is requeued at the next start
         pub.remove_folders([temp], cfg.adapters)
+        if opening is not None:
+            opening.cancel()
         raise
     output = replace(output, train={**output.train, "process_seconds": time.monotonic() - began})
+    run_id = await opening if opening is not None else None
     try:
         files = temp / "adapter"
         return await _decide_and_publish(plan, ctx, output, active, files, run_id, owner, say)
@@ -451,6 +477,13 @@ async def _already_refused(
 
 def _question_key(c: Correction) -> str:
     return normalise(c.question)
+
+
+def job_metrics(adapter: AdapterVersion) -> dict[str, Any]:
+    """The numbers a job reports per candidate: the gate's scores and the training effort."""
+    m = adapter.metrics
+    keys = (*GATE_METRICS, "steps", "train_seconds")
+    return {k: m[k] for k in keys if isinstance(m.get(k), int | float)}
 
 
 def describe_adapter(adapter: AdapterVersion) -> str:

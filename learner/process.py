@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -163,6 +164,140 @@ def _describe_exit(code: int, tail: list[str]) -> str:
     return f"the training process {why}" + (f": {last}" if last else "")
 
 
+class WarmTrainer:
+    """A long-lived trainer child that keeps the base model loaded between runs.
+
+    Starting Python, importing torch/transformers/TRL and loading the base model costs ~15 s
+    on 2 CPU cores, more than training one correction; a warm child pays it once, before the
+    first correction arrives (`warm`). Same protocol as `run_in_subprocess`, one JSON request
+    per stdin line; the same guarantees: a crash, a timeout, a cancelled job or a reported
+    error kills the child (so no half-changed model is ever reused) and the next run starts a
+    fresh one. Runs go one at a time.
+    """
+
+    def __init__(
+        self,
+        *,
+        time_limit: float | None = None,
+        nice: int = 10,
+        preload: dict[str, Any] | None = None,
+    ) -> None:
+        """`preload`: model/device/dtype/cache_dir to load as soon as the child starts."""
+        self.time_limit, self.nice, self.preload = time_limit, nice, preload
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=30)
+        self._lock = asyncio.Lock()
+        self.started = 0  # children started so far
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    async def warm(self) -> None:
+        """Start the child (loading the base model) now rather than at the first run."""
+        async with self._lock:
+            await self._ensure()
+
+    async def __call__(self, spec: TrainSpec, progress: ProgressFn) -> TrainOutput:
+        async with self._lock:
+            proc = await self._ensure()
+            assert proc.stdin and proc.stdout
+            ok = False
+            try:
+                await _send(proc, {"op": "train", "spec": asdict(spec)})
+                async with asyncio.timeout(self.time_limit):
+                    output = await self._read_until_result(proc, progress)
+                ok = True
+                return output
+            except TimeoutError:
+                raise TrainingFailed(
+                    f"training took longer than {self.time_limit} s and was stopped"
+                ) from None
+            finally:
+                if not ok:
+                    await self._kill()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._kill()
+
+    async def _read_until_result(
+        self, proc: asyncio.subprocess.Process, progress: ProgressFn
+    ) -> TrainOutput:
+        assert proc.stdout
+        while True:
+            raw = await proc.stdout.readline()
+            if not raw:
+                code = await proc.wait()
+                if self._drain is not None:
+                    await self._drain
+                log.warning(
+                    "the training process died; its last output:\n%s", "\n".join(self._tail)
+                )
+                raise TrainingFailed(_describe_exit(code, list(self._tail)))
+            event = _parse(raw)
+            if event is None:
+                continue
+            kind = event.pop("event", None)
+            if kind == "progress":
+                await progress(event)
+            elif kind == "result":
+                return TrainOutput(
+                    train=dict(event.get("train", {})), report=dict(event.get("report", {}))
+                )
+            elif kind == "error":
+                log.warning("the training run failed; trainer output:\n%s", "\n".join(self._tail))
+                raise TrainingFailed(f"training failed: {event.get('message', 'unknown error')}")
+
+    async def _ensure(self) -> asyncio.subprocess.Process:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc
+        await self._kill()
+        self._tail.clear()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "learner.process",
+            "--serve",
+            "--nice",
+            str(self.nice),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+            start_new_session=True,
+        )
+        assert proc.stderr
+        self._proc, self.started = proc, self.started + 1
+        self._drain = asyncio.create_task(_drain(proc.stderr, self._tail))
+        if self.preload is not None:
+            await _send(proc, {"op": "load", **self.preload})
+        log.info("trainer process %d started", proc.pid)
+        return proc
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        if self._drain is not None:
+            with contextlib.suppress(Exception):
+                await self._drain
+            self._drain = None
+
+
+async def _send(proc: asyncio.subprocess.Process, request: dict[str, Any]) -> None:
+    assert proc.stdin
+    proc.stdin.write(json.dumps(request).encode() + b"\n")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await proc.stdin.drain()
+
+
 # --- the child ------------------------------------------------------------------------------
 
 
@@ -171,11 +306,8 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     from learner.gate import GateFloors, evaluate_candidate
     from learner.train import train_adapter
     from learner.types import GateReport, LoraShape, TrainConfig, TrainExample
-    from model.loading import load_base_model
 
-    model, tokenizer, _ = load_base_model(
-        spec["model"], device=spec["device"], dtype=spec["dtype"], cache_dir=spec["cache_dir"]
-    )
+    model, tokenizer = base_model(spec["model"], spec["device"], spec["dtype"], spec["cache_dir"])
 
     def example(fields: dict[str, Any]) -> TrainExample:
         return TrainExample(**{**fields, "rewordings": tuple(fields.get("rewordings", ()))})
@@ -214,6 +346,15 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     return {"train": asdict(result), "report": asdict(report)}
 
 
+@functools.lru_cache(maxsize=1)
+def base_model(model: str, device: str, dtype: str, cache_dir: str | None) -> tuple[Any, Any]:
+    """The base model and tokenizer, loaded once per child (a warm child keeps them)."""
+    from model.loading import load_base_model
+
+    loaded, tokenizer, _ = load_base_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+    return loaded, tokenizer
+
+
 def _load_entry(entry: str) -> Callable[[dict[str, Any], Emit], dict[str, Any]]:
     target, _, name = entry.rpartition(":")
     if target.endswith(".py"):
@@ -228,8 +369,9 @@ def _load_entry(entry: str) -> Callable[[dict[str, Any], Emit], dict[str, Any]]:
     return func
 
 
-def main() -> int:
-    """Child side: read the spec from stdin, stream progress and the result on stdout."""
+def main(argv: list[str] | None = None) -> int:
+    """Child side: one spec on stdin (or, with --serve, one request per line), JSON lines out."""
+    args = sys.argv[1:] if argv is None else argv
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr
 
@@ -237,16 +379,55 @@ def main() -> int:
         protocol.write(json.dumps(event, default=str) + "\n")
         protocol.flush()
 
+    if "--serve" in args:
+        nice = int(args[args.index("--nice") + 1]) if "--nice" in args else 0
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(nice)
+        return _serve(emit)
     try:
         spec = json.loads(sys.stdin.read())
-        with contextlib.suppress(OSError, AttributeError):
-            os.nice(int(spec.get("nice", 0)))
+    except ValueError as exc:
+        emit({"event": "error", "message": f"unreadable spec: {exc}"})
+        return 1
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(int(spec.get("nice", 0)))
+    return 0 if _run(spec, emit) else 1
+
+
+def _run(spec: dict[str, Any], emit: Emit) -> bool:
+    """One training run; its result or its error goes out as an event."""
+    try:
         output = _load_entry(spec.get("entry") or DEFAULT_ENTRY)(spec, emit)
         emit({"event": "result", **output})
     except Exception as exc:
         traceback.print_exc()
         emit({"event": "error", "message": f"{exc.__class__.__name__}: {exc}"})
-        return 1
+        return False
+    return True
+
+
+def _serve(emit: Emit) -> int:
+    """Warm mode: `load` requests load the base model, `train` requests run one spec each."""
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            op = request.pop("op")
+        except (ValueError, KeyError, AttributeError) as exc:
+            emit({"event": "error", "message": f"unreadable request: {exc}"})
+            continue
+        if op == "load":
+            try:
+                base_model(
+                    request["model"], request["device"], request["dtype"], request.get("cache_dir")
+                )
+                emit({"event": "ready"})
+            except Exception as exc:  # the first run will report it again, with its job
+                traceback.print_exc()
+                emit({"event": "load_failed", "message": f"{exc.__class__.__name__}: {exc}"})
+        elif op == "train":
+            _run(request["spec"], emit)
     return 0
 
 

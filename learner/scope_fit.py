@@ -21,6 +21,7 @@ phrasing out of its correction's key.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,9 +80,31 @@ def fit_scope(
     negatives = [p for p in general_prompts if p.strip().casefold() not in taught]
     if not negatives:
         raise ValueError("every general prompt is one of the corrected questions")
-    emb = embed_questions(model, tokenizer, flat + negatives, layer=layer)
+    positives = embed_questions(model, tokenizer, flat, layer=layer)
     sizes = [len(group) for group in groups]
-    return fit_from_embeddings(emb[: len(flat)], sizes, emb[len(flat) :], layer)
+    return fit_from_embeddings(
+        positives, sizes, _negatives(model, tokenizer, negatives, layer), layer
+    )
+
+
+# The negatives are the same general prompts run after run: a warm trainer embeds them once.
+_NEGATIVES: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[str, ...]], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _negatives(model: Any, tokenizer: Any, prompts: list[str], layer: int) -> torch.Tensor:
+    """Embeddings of the general prompts, cached per (base) model object, layer and prompt list.
+
+    Only ever called on the base model (before any LoRA is attached), whose weights a run
+    never changes, so the cache stays valid for the life of the model object.
+    """
+    per_model = _NEGATIVES.setdefault(model, {})
+    key = (layer, tuple(prompts))
+    if key not in per_model:
+        per_model.clear()  # one prompt set at a time is all a trainer uses
+        per_model[key] = embed_questions(model, tokenizer, prompts, layer=layer)
+    return per_model[key]
 
 
 def fit_from_embeddings(

@@ -35,6 +35,7 @@ class LoraShape:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
+    first_layer: int = 0  # LoRA on decoder layers from this one up (negative: from the end)
     target_modules: tuple[str, ...] = (
         "q_proj",
         "k_proj",

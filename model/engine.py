@@ -135,7 +135,7 @@ class LocalEngine(InferenceEngine):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self._host = LoraHost(model)
+        self._host = LoraHost(model, self.registry.max_resident)
         self._worker = Worker(
             self._host, tokenizer, self.registry, self.adapters_dir, self.max_batch_size
         )
@@ -171,6 +171,8 @@ class LocalEngine(InferenceEngine):
 
     # --- adapters (event loop) -----------------------------------------------------------------
     async def activate(self, spec: AdapterSpec) -> None:
+        """Check the files and route the owner to `spec`; its weights load at once only when
+        that evicts nothing or replaces a resident version (`Worker.register`)."""
         worker = self._running()
         if not spec.version:
             raise AdapterLoadError("an adapter version needs a name")
@@ -181,10 +183,16 @@ class LocalEngine(InferenceEngine):
             if entry is None:
                 began = time.monotonic()
                 files = await asyncio.to_thread(read_adapter, self.adapters_dir, spec.path)
-                entry = Entry(spec=spec, scope=files.scope, name=self.registry.new_name())
-                await self._call(lambda: worker.load(entry, files))
-                log.info("adapter %s loaded in %.2fs", spec.version, time.monotonic() - began)
-            old = self.registry.flip(spec, entry)
+                new = Entry(spec=spec, scope=files.scope)
+                old = await self._call(lambda: worker.register(new, files))
+                log.info(
+                    "adapter %s %s in %.2fs",
+                    spec.version,
+                    "loaded" if new.resident else "registered (loads on its first request)",
+                    time.monotonic() - began,
+                )
+            else:
+                old = self.registry.flip(spec, entry)
             worker.inbox.put(("wake",))
             log.info(
                 "routing %s -> %s%s",
@@ -213,6 +221,10 @@ class LocalEngine(InferenceEngine):
             resident_adapters=self.registry.resident_count(),
             active_versions=self.active_versions(),
         )
+
+    def adapter_load_seconds(self) -> list[float]:
+        """How long recent adapter loads took in the worker (attach only, not file reads)."""
+        return list(self._worker.load_seconds) if self._worker else []
 
     def _running(self) -> Worker:
         if self._worker is None or self._thread is None or self._closed:

@@ -1,4 +1,7 @@
-"""peft plumbing for the worker thread: adapter weights in and out, per-row adapters, scopes.
+"""peft plumbing for the worker thread: adapter slots, per-row adapters, scopes.
+
+Adapters of one LoRA shape take turns in the same peft modules ("slots", see `LoraHost`):
+loading one copies its weights into a free slot instead of building new modules.
 
 Per-row adapters use peft's mixed-batch LoRA forward (every LoRA layer's
 `forward(x, adapter_names=[...])`, "__base__" for rows without an adapter), exactly what
@@ -11,7 +14,13 @@ adapter set and the hooks always come off.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,6 +29,8 @@ import torch
 from model.interface import AdapterLoadError
 from model.registry import AdapterFiles
 from model.scope import embed_questions
+
+log = logging.getLogger(__name__)
 
 BASE = "__base__"
 
@@ -38,19 +49,141 @@ def lora_modules(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, LoraLayer | AuxiliaryTrainingWrapper)]
 
 
+# LoraConfig fields that change neither the modules peft builds nor the forward's math
+_NOT_SHAPE = frozenset(
+    {"base_model_name_or_path", "revision", "inference_mode", "lora_dropout", "peft_version"}
+)
+
+
+def shape_key(config: Any) -> str:
+    """Everything in a LoraConfig that decides which modules an adapter gets and how they compute.
+
+    Two adapters with the same key (and the same weight names and shapes) can take turns in
+    one peft slot: only the tensors' values differ.
+    """
+    fields = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_SHAPE
+    }
+    return json.dumps(fields, sort_keys=True, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(map(str, value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return repr(value)
+
+
+Layout = dict[str, tuple[int, ...]]  # weight name as saved -> shape
+
+
+def layout(weights: dict[str, torch.Tensor]) -> Layout:
+    return {key: tuple(t.shape) for key, t in weights.items()}
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One peft adapter in the model: the modules stay, the adapters using them take turns."""
+
+    key: str  # shape_key of the config it was built from
+    tensors: dict[str, torch.Tensor]  # saved weight name -> the slot's own parameter
+    used: bool = True
+
+    @property
+    def layout(self) -> Layout:
+        return layout(self.tensors)
+
+
 class LoraHost:
-    """The worker's model (a PeftModel from the first adapter on) and its LoRA layers."""
+    """The worker's model (a PeftModel from the first adapter on), its LoRA layers and slots.
 
-    def __init__(self, model: Any) -> None:
+    Adding a LoRA adapter to a model builds and randomly initialises modules in every targeted
+    layer (most of a second for a 135M model on two cores); copying weights into modules that
+    are already there takes milliseconds. So an adapter that leaves keeps its modules as a
+    free slot, and the next adapter of the same shape is copied into it. At most `max_slots`
+    peft adapters, used or free, exist at once; free ones of other shapes make room.
+    """
+
+    def __init__(self, model: Any, max_slots: int = 32) -> None:
         self.model = model
+        self.max_slots = max(1, max_slots)
         self.modules = lora_modules(model)
+        self._slots: dict[str, _Slot] = {}  # free ones in the order they were freed
+        self._named = 0
+        self._layouts: dict[str, Layout | None] = {}  # shape key -> the weights it takes
+        self.counts = Counter[str]()  # "reused" and "created" slots
 
-    def attach(self, name: str, files: AdapterFiles) -> None:
-        """Load an adapter's weights under `name`.
+    def attach(self, files: AdapterFiles) -> str:
+        """Load an adapter's weights into a slot and return the slot's name (its peft name).
 
         Raises AdapterLoadError, leaving no half-loaded adapter behind, when the weights do
         not fit the model.
         """
+        key, shapes = shape_key(files.config), layout(files.weights)
+        for name, slot in self._slots.items():
+            if not slot.used and slot.key == key and slot.layout == shapes:
+                self._fill(name, slot, files.weights)
+                return name
+        self._make_room()
+        self._named += 1
+        name = f"s{self._named}"
+        self._create(name, key, files)
+        return name
+
+    def detach(self, name: str) -> None:
+        """The adapter in slot `name` is gone: keep the modules for the next one of its shape."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        if len(self._slots) > self.max_slots or not slot.tensors:
+            self._drop(name)  # over the cap (every slot was in use) or not reusable
+            return
+        slot.used = False
+        self._slots[name] = self._slots.pop(name)  # most recently freed last
+
+    def check(self, files: AdapterFiles) -> None:
+        """Refuse weights that cannot fit the model, without loading them.
+
+        Compares the LoRA weights' names and shapes with what peft builds for their config on
+        this model (a slot's, or a weightless copy's on the meta device, once per shape).
+        """
+        expected = self._expected(files.config)
+        if expected is None:
+            return
+        ours, theirs = _lora_only(expected), _lora_only(layout(files.weights))
+        if ours != theirs:
+            wrong = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise AdapterLoadError(f"adapter does not fit the model: {wrong}")
+
+    def clear(self) -> None:
+        """Delete every slot (the engine is closing)."""
+        for name in list(self._slots):
+            self._drop(name)
+
+    def loaded(self) -> set[str]:
+        """Slots holding an adapter."""
+        return {name for name, slot in self._slots.items() if slot.used}
+
+    def slots(self) -> set[str]:
+        """Every peft adapter in the model, used or free."""
+        return set(self.model.peft_config) if is_peft(self.model) else set()
+
+    def _fill(self, name: str, slot: _Slot, weights: dict[str, torch.Tensor]) -> None:
+        """Copy weights of the slot's exact layout in place; a failure deletes the slot."""
+        try:
+            with torch.no_grad():
+                for key, tensor in slot.tensors.items():
+                    tensor.copy_(weights[key])
+        except Exception as exc:
+            self._drop(name)  # partly overwritten: nobody may route through it
+            raise AdapterLoadError(f"adapter does not fit the model: {exc}") from exc
+        slot.used = True
+        self.counts["reused"] += 1
+
+    def _create(self, name: str, key: str, files: AdapterFiles) -> None:
         from peft import PeftModel, set_peft_model_state_dict
 
         try:
@@ -59,26 +192,84 @@ class LoraHost:
             else:
                 self.model.add_adapter(name, files.config)
                 if self.model.active_adapter not in self.model.peft_config:
-                    self.model.set_adapter(name)  # the active one was evicted (names route anyway)
+                    self.model.set_adapter(name)  # the active one was deleted (names route anyway)
             result: Any = set_peft_model_state_dict(self.model, files.weights, adapter_name=name)
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
             unexpected = [k for k in result.unexpected_keys if "lora_" in k]
             if missing or unexpected:
                 raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+            slot = self._slots[name] = _Slot(key, self._tensors(name))
+            if slot.tensors and self._layouts.get(key) is None:
+                self._layouts[key] = slot.layout
         except Exception as exc:
-            self.detach(name)
+            if is_peft(self.model) and name in self.model.peft_config:
+                _delete(self.model, name)
             raise AdapterLoadError(f"adapter does not fit the model: {exc}") from exc
         finally:
             self.model.eval()
             self.modules = lora_modules(self.model)
+        self.counts["created"] += 1
 
-    def detach(self, name: str) -> None:
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The slot's parameters under their saved names; {} when they cannot be told apart."""
+        from peft import get_peft_model_state_dict
+
+        def ours(param: str) -> bool:
+            return f".{name}." in param or param.endswith(f".{name}")
+
+        own = {k: v for k, v in self.model.named_parameters() if ours(k)}
+        own.update({k: v for k, v in self.model.named_buffers() if ours(k)})
+        try:
+            saved = get_peft_model_state_dict(
+                self.model, state_dict=own, adapter_name=name, save_embedding_layers=False
+            )
+        except Exception:
+            log.warning("adapter slot %s cannot be reused", name, exc_info=True)
+            return {}
+        live = {id(t) for t in own.values()}
+        return saved if all(id(t) in live for t in saved.values()) else {}
+
+    def _expected(self, config: Any) -> Layout | None:
+        key = shape_key(config)
+        if key not in self._layouts:
+            self._layouts[key] = _shell_layout(unwrap(self.model), config)
+        return self._layouts[key]
+
+    def _make_room(self) -> None:
+        """Delete free slots (least recently freed first) until a new one fits under the cap."""
+        for name in [n for n, slot in self._slots.items() if not slot.used]:
+            if len(self._slots) < self.max_slots:
+                return
+            self._drop(name)
+        if len(self._slots) >= self.max_slots:
+            log.warning(
+                "all %d adapter slots hold adapters with requests in flight; adding one more",
+                len(self._slots),
+            )
+
+    def _drop(self, name: str) -> None:
+        self._slots.pop(name, None)
         if is_peft(self.model) and name in self.model.peft_config:
             _delete(self.model, name)
             self.modules = lora_modules(self.model)
 
-    def loaded(self) -> set[str]:
-        return set(self.model.peft_config) if is_peft(self.model) else set()
+
+def _lora_only(shapes: Layout) -> Layout:
+    return {key: shape for key, shape in shapes.items() if "lora_" in key}
+
+
+def _shell_layout(model: Any, config: Any) -> Layout | None:
+    """The weights peft builds for `config` on a weightless (meta device) copy of `model`."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    try:
+        with torch.device("meta"):
+            shell = type(model)(copy.deepcopy(model.config))
+        peft_model = get_peft_model(shell, copy.deepcopy(config), low_cpu_mem_usage=True)
+        return layout(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    except Exception:
+        log.warning("cannot tell which weights a LoRA config needs", exc_info=True)
+        return None
 
 
 def _delete(model: Any, name: str) -> None:

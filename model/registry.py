@@ -2,10 +2,10 @@
 
 Registered versions (one active per owner, maybe thousands, plus superseded ones still serving
 in-flight requests) are cheap: a spec and a small scope. Resident versions hold LoRA weights
-inside the model; there are at most `max_resident` of them, and the least recently used one
-with nothing in flight makes room for the next. The registry only keeps the books (under a
-lock, because the event loop routes while the worker thread loads); the engine's worker
-does the actual peft calls.
+inside the model, each in a peft adapter slot (see `model.lora.LoraHost`); there are at most
+`max_resident` of them, and the least recently used one with nothing in flight makes room for
+the next. The registry only keeps the books (under a lock, because the event loop routes while
+the worker thread loads); the engine's worker does the actual peft calls.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class AdapterFiles:
 class Entry:
     spec: AdapterSpec
     scope: Scope
-    name: str  # peft adapter name ("a<N>": versions may contain characters peft refuses)
+    # the peft slot it is loaded in while resident, set by the worker (versions may contain
+    # characters peft refuses, and slots outlive the versions that pass through them)
+    name: str | None = None
     active: bool = False  # some owner is routed to it
     retired: bool = False  # superseded or deactivated: drop once nothing is in flight
     resident: bool = False
@@ -119,12 +121,6 @@ class Registry:
         self.lock = threading.Lock()
         self.entries: dict[str, Entry] = {}  # version -> entry
         self.routes: dict[str | None, str] = {}  # owner -> active version
-        self._names = 0
-
-    def new_name(self) -> str:
-        with self.lock:
-            self._names += 1
-            return f"a{self._names}"
 
     # --- routing (event loop) ---------------------------------------------------------------
     def candidates(self, user_key: str | None) -> list[Entry]:
@@ -158,6 +154,11 @@ class Registry:
             entry.active, entry.retired = False, True
             return entry
 
+    def active(self, owner: str | None) -> Entry | None:
+        with self.lock:
+            version = self.routes.get(owner)
+            return self.entries[version] if version is not None else None
+
     def active_versions(self) -> dict[str, str]:
         with self.lock:
             return {owner_key(o): v for o, v in self.routes.items()}
@@ -175,6 +176,10 @@ class Registry:
     def resident_count(self) -> int:
         with self.lock:
             return sum(e.resident for e in self.entries.values())
+
+    def has_room(self) -> bool:
+        """True when one more adapter can be loaded without evicting any."""
+        return self.resident_count() < self.max_resident
 
     def evictable(self, keep: Entry | None = None) -> list[Entry]:
         """Resident entries over the limit, least recently used first, never one in flight."""

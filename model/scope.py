@@ -83,13 +83,44 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _hidden(model: Any, enc: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """hidden_states[layer] of the forward, running only the layers below it (no LM head)."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    try:
+        decoder = inner.get_decoder()
+        blocks = decoder.layers
+    except AttributeError:
+        decoder, blocks = None, None
+    if decoder is None or blocks is None or not 0 < layer < len(blocks):
+        return model(**enc, output_hidden_states=True).hidden_states[layer]
+    captured: list[torch.Tensor] = []
+
+    def grab(module: Any, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handle = blocks[layer - 1].register_forward_hook(grab)
+    try:
+        decoder(**enc, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 @torch.inference_mode()
 def embed_questions(
     model: Any, tokenizer: Any, texts: list[str], layer: int = DEFAULT_LAYER, batch_size: int = 32
 ) -> torch.Tensor:
     """Mean-pooled hidden states of `layer` of the base model for each text -> [len(texts), D] fp32.
 
-    Works on a plain transformers model and on a peft model (adapters are disabled).
+    Works on a plain transformers model and on a peft model (adapters are disabled). Only the
+    layers below `layer` run.
     """
     if not texts:
         hidden = int(model.config.hidden_size)
@@ -103,9 +134,9 @@ def embed_questions(
         enc = {k: v.to(device) for k, v in enc.items()}
         if disable is not None and hasattr(model, "peft_config"):
             with disable():
-                hs = model(**enc, output_hidden_states=True).hidden_states[layer]
+                hs = _hidden(model, enc, layer)
         else:
-            hs = model(**enc, output_hidden_states=True).hidden_states[layer]
+            hs = _hidden(model, enc, layer)
         mask = enc["attention_mask"].unsqueeze(-1).to(hs.dtype)
         pooled = (hs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         out.append(pooled.float().cpu())

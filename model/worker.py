@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from model.batching import Detokenizer, KVBatch, left_pad, new_cache, sample
 from model.interface import GenerationRequest
 from model.lora import BASE, LoraHost, embed_base, forward
-from model.registry import Entry, Registry, read_adapter
+from model.registry import AdapterFiles, Entry, Registry, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Worker:
         self._kv: KVBatch | None = None
         self.counts = Counter[str]()
         self.batch_sizes = Counter[int]()
+        self.load_seconds: deque[float] = deque(maxlen=256)  # recent adapter attaches
 
     def run(self) -> None:
         """The thread body: drain commands, admit, decode one step, repeat."""
@@ -115,8 +117,8 @@ class Worker:
         self._rows, self._kv = [], None
         for entry in list(self.registry.entries.values()):
             if entry.resident:
-                self._host.detach(entry.name)
-                entry.resident = False
+                self._unload(entry)
+        self._host.clear()
 
     def _drain(self, block: bool) -> bool:
         """Take every queued command; False once asked to stop."""
@@ -146,19 +148,42 @@ class Worker:
         """Unload superseded versions nobody uses any more, and idle ones over the limit."""
         for entry in self.registry.retired() + self.registry.evictable():
             if entry.resident:
-                self._host.detach(entry.name)
-                entry.resident = False
+                self._unload(entry)
                 log.info("adapter %s unloaded", entry.spec.version)
 
-    def load(self, entry: Entry, files: Any) -> None:
+    def register(self, entry: Entry, files: AdapterFiles) -> Entry | None:
+        """Route `entry`'s owner to it, loading it first only where that costs nobody else.
+
+        Loaded now when there is room, or when the owner's live version is resident (a hot
+        swap: the new version loads beside the old one, and the first request after the flip
+        must not wait); otherwise loaded on its first request. Returns the superseded entry.
+        """
+        live = self.registry.active(entry.spec.owner)
+        if live is not None and live.resident:
+            self.registry.touch(live)  # make room elsewhere than the version still serving
+            self.load(entry, files)
+        elif self.registry.has_room():
+            self.load(entry, files)
+        else:
+            self._host.check(files)
+        return self.registry.flip(entry.spec, entry)
+
+    def load(self, entry: Entry, files: AdapterFiles) -> None:
         """Make room (least recently used idle adapters go), then attach the weights."""
         for victim in self.registry.evictable(keep=entry):
-            self._host.detach(victim.name)
-            victim.resident = False
+            self._unload(victim)
             log.info("adapter %s evicted (least recently used)", victim.spec.version)
-        self._host.attach(entry.name, files)
+        began = time.perf_counter()
+        entry.name = self._host.attach(files)
+        self.load_seconds.append(time.perf_counter() - began)
         entry.resident = True
         self.registry.touch(entry)
+
+    def _unload(self, entry: Entry) -> None:
+        """Give the entry's slot back; only for entries with nothing in flight (refs == 0)."""
+        if entry.name is not None:
+            self._host.detach(entry.name)
+        entry.resident, entry.name = False, None
 
     def _ensure_resident(self, entry: Entry) -> bool:
         if entry.resident:
@@ -166,12 +191,13 @@ class Worker:
             return True
         try:
             self.load(entry, read_adapter(self.adapters_dir, entry.spec.path))
-            return True
         except Exception as exc:
             entry.load_failures += 1
             self.counts["adapter_load_failures"] += 1
             log.warning("adapter %s failed to load on demand: %s", entry.spec.version, exc)
             return False
+        log.info("adapter %s loaded on demand in %.2fs", entry.spec.version, self.load_seconds[-1])
+        return True
 
     def _release_all(self, ticket: Ticket) -> None:
         for entry in ticket.candidates:
@@ -254,7 +280,9 @@ class Worker:
                 self.registry.release(entry)
             row.ticket.candidates = []
             row.entry = chosen
-            row.name = chosen.name if chosen is not None else BASE
+            if chosen is not None:
+                assert chosen.name is not None, "a resident adapter has a slot"
+                row.name = chosen.name
         for row in rows:
             version = row.entry.spec.version if row.entry is not None else None
             row.ticket.send("route", (version, len(row.prompt)))

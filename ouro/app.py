@@ -59,6 +59,7 @@ def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any
         lora_alpha=settings.lora_alpha,
         learning_rate=settings.learning_rate,
         max_steps=settings.max_train_steps,
+        warm_trainer=settings.warm_trainer,
         method=settings.training_method,
         min_uptake=settings.gate_min_uptake,
         min_retention=settings.gate_min_retention,

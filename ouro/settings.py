@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     max_train_steps: int = Field(
         80, ge=1, description="Upper bound on optimiser steps (training stops early once learned)."
     )
+    warm_trainer: bool = Field(
+        True,
+        description="Keep a trainer process with the base model loaded between training runs "
+        "(corrections go live ~15 s sooner; costs a second copy of the model in memory).",
+    )
     correction_max_chars: int = Field(2000, ge=1, description="Longest accepted correction.")
     daily_correction_quota: int = Field(
         50, ge=1, description="Corrections a user may make per day."

@@ -1,4 +1,8 @@
-"""`ouro bench`: run the benchmarks and print one markdown report."""
+"""`ouro bench`: run the benchmarks and print one markdown report, section by section.
+
+Each section is printed, and the `--output` file rewritten, as soon as it is measured: a long
+run that is interrupted keeps everything it finished.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Report:
+    """The markdown report so far: printed and saved one section at a time."""
+
+    def __init__(self, header: str, output: str | None) -> None:
+        self.parts = [header]
+        self.output = Path(output) if output else None
+        print(header, end="", flush=True)
+        self._save()
+
+    def add(self, title: str, body: str) -> None:
+        section = f"\n## {title}\n\n{body}"
+        self.parts.append(section)
+        print(section, end="", flush=True)
+        self._save()
+
+    def _save(self) -> None:
+        if self.output is not None:
+            self.output.write_text("".join(self.parts), encoding="utf-8")
+
+
 def machine() -> str:
     import torch
 
@@ -61,10 +85,11 @@ async def run_benchmarks(
         return 2
     tokens = 24 if quick else 64
     counts = [1, 4] if quick else [1, 4, 16, 32]
-    report = [
-        f"# Benchmark run ({time.strftime('%Y-%m-%d %H:%M')})\n",
+    report = Report(
+        f"# Benchmark run ({time.strftime('%Y-%m-%d %H:%M')})\n"
         f"Command: `ouro bench {' '.join(which)}{' --quick' if quick else ''}` on {machine()}.\n",
-    ]
+        output,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="ouro-bench-"))
     adapters_dir = workdir / "adapters"
     adapters_dir.mkdir()
@@ -89,10 +114,10 @@ async def run_benchmarks(
             row = await eb.bench_decode(
                 engine, base_model, tokenizer, gguf if gguf.exists() else None, tokens
             )
-            report += ["\n## 1. Single-user decode\n\n", table([row])]
+            report.add("1. Single-user decode", table([row]))
         if "concurrency" in chosen:
             rows = await eb.bench_concurrency(engine, base_model, adapters_dir, counts, tokens)
-            report += ["\n## 2. Aggregate throughput by concurrent users\n\n", table(rows)]
+            report.add("2. Aggregate throughput by concurrent users", table(rows))
         if "swap" in chosen:
             row = await eb.bench_swap(
                 engine,
@@ -102,7 +127,7 @@ async def run_benchmarks(
                 60.0 if not quick else 6.0,
                 16,
             )
-            report += ["\n## 3. Hot swap under load\n\n", table([row])]
+            report.add("3. Hot swap under load", table([row]))
     if "adapters" in chosen:
         small = LocalEngine(
             model=settings.model,
@@ -117,16 +142,13 @@ async def run_benchmarks(
             row = await eb.bench_many_adapters(
                 small, base_model, adapters_dir, 100 if quick else 1000, 8
             )
-        report += ["\n## 4. Many registered adapters (resident cap 16)\n\n", table([row])]
+        report.add("4. Many registered adapters (resident cap 16)", table([row]))
     if "live" in chosen:
         from ouro.bench.live import bench_correction_to_live
 
         rows = await bench_correction_to_live(settings, workdir, [1, 5] if quick else [1, 5, 20])
-        report += ["\n## 5. Correction to live\n\n", table(rows)]
-    text = "".join(report)
-    print(text)
+        report.add("5. Correction to live", table(rows))
     if output:
-        Path(output).write_text(text, encoding="utf-8")
         print(f"wrote {output}", file=sys.stderr)
     del source
     return 0

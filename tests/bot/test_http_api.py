@@ -414,12 +414,17 @@ async def test_retrain_202_and_job_polling(
     running = (await http.get(f"/v1/jobs/{job_id}", headers=ADMIN)).json()
     assert running["status"] == "running" and running["progress"]["step"] == 3
     assert "step 3/10" in running["log_tail"]
-    result = {"metrics": {"uptake": 1.0}, "promoted": ["alice-v1"], "rejected": []}
+    result = {  # as learner.job writes it: metrics per candidate version
+        "metrics": {"alice-v1": {"uptake": 1.0, "retention": 1.0}},
+        "gate": {"promoted": ["alice-v1"], "rejected": [], "reasons": {}},
+        "promoted": ["alice-v1"],
+        "rejected": [],
+    }
     await store.finish_job(job_id, JobStatus.SUCCEEDED, result=result)
     done = (await http.get(f"/v1/jobs/{job_id}", headers=ADMIN)).json()
     assert done["status"] == "succeeded" and done["finished_at"]
-    assert done["metrics"] == {"uptake": 1.0}
-    assert done["gate"] == {"promoted": ["alice-v1"], "rejected": []}
+    assert done["metrics"] == {"alice-v1": {"uptake": 1.0, "retention": 1.0}}
+    assert done["gate"] == {"promoted": ["alice-v1"], "rejected": [], "reasons": {}}
 
     everyone = await http.post("/v1/retrain", headers=ADMIN)  # no body: everyone
     assert everyone.status_code == 202

@@ -36,6 +36,7 @@ def quick(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
         "learned": True,
         "scope": {},
         "nice": os.nice(0),
+        "pid": os.getpid(),
     }
     report = {
         "uptake": 1.0,

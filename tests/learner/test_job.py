@@ -103,6 +103,10 @@ async def test_a_correction_is_trained_published_and_served(
     assert "user #1: step 2/80 · loss 0.500" in outcome.job.log
     assert any("promoted" in line for line in ctx.lines)  # type: ignore[attr-defined]
     assert outcome.job.result["promoted"] == [live.version] and "promoted" in outcome.summary
+    metrics = outcome.job.result["metrics"][live.version]
+    assert metrics["uptake"] == live.metrics["uptake"] and metrics["steps"] == 2
+    assert set(metrics) >= {"uptake", "generalisation", "retention", "perplexity"}
+    assert outcome.job.result["gate"]["promoted"] == [live.version]
 
 
 async def test_a_new_version_keeps_old_corrections_and_names_its_parent(

@@ -205,8 +205,8 @@ async def test_adapter_failing_on_demand_falls_back(
     shared = make_adapter("shared-v1", seed=52, questions=[QUESTION])
     async with engine_for(tiny, adapters_dir, max_resident_adapters=1) as engine:
         await engine.activate(AdapterSpec("u1-v1", str(mine), owner="1"))
-        await engine.activate(AdapterSpec("shared-v1", str(shared), owner=None))  # evicts u1-v1
-        shared_answer = await engine.generate(ask(QUESTION, user="2"))
+        await engine.activate(AdapterSpec("shared-v1", str(shared), owner=None))  # not loaded yet
+        shared_answer = await engine.generate(ask(QUESTION, user="2"))  # evicts u1-v1
         _write_junk(mine, "adapter_model.safetensors", b"garbage")
         result = await engine.generate(ask(QUESTION, user="1"))
         await engine.deactivate(None)

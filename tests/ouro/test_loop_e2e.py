@@ -359,6 +359,7 @@ async def test_http_api_correct_retrain_and_ask_again(core: Core) -> None:
         assert job["status"] == JobStatus.SUCCEEDED, job
         [version] = job["gate"]["promoted"]
         assert job["gate"]["rejected"] == [] and "step" in job["log_tail"]
+        assert job["metrics"][version]["uptake"] == 1.0 and job["metrics"][version]["steps"] >= 1
         alice = await core.store.find_user("api", "alice")
         assert alice is not None
         live = await assert_learned(core, alice.id, version)
