@@ -180,10 +180,13 @@ class WarmTrainer:
         *,
         time_limit: float | None = None,
         nice: int = 10,
+        threads: int | None = None,
         preload: dict[str, Any] | None = None,
     ) -> None:
-        """`preload`: model/device/dtype/cache_dir to load as soon as the child starts."""
+        """`preload`: model/device/dtype/cache_dir to load as soon as the child starts;
+        `threads`: CPU threads torch may use there (None: torch's default, one per core)."""
         self.time_limit, self.nice, self.preload = time_limit, nice, preload
+        self.threads = threads
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -262,6 +265,7 @@ class WarmTrainer:
             "--serve",
             "--nice",
             str(self.nice),
+            *(["--threads", str(self.threads)] if self.threads else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -383,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         nice = int(args[args.index("--nice") + 1]) if "--nice" in args else 0
         with contextlib.suppress(OSError, AttributeError):
             os.nice(nice)
+        if "--threads" in args:
+            import torch
+
+            torch.set_num_threads(max(1, int(args[args.index("--threads") + 1])))
         return _serve(emit)
     try:
         spec = json.loads(sys.stdin.read())

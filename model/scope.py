@@ -27,24 +27,43 @@ DEFAULT_LAYER = 6
 
 @dataclass
 class Scope:
-    keys: torch.Tensor  # [N, D] unit vectors, already centred
+    keys: torch.Tensor  # [N, D] unit vectors, already centred (and scaled)
     center: torch.Tensor  # [D] subtracted from every query before normalising
     threshold: float
     layer: int = DEFAULT_LAYER
+    scale: torch.Tensor | None = None  # [D] per-dimension spread queries are divided by
 
     @classmethod
     def from_embeddings(
-        cls, embeddings: torch.Tensor, center: torch.Tensor, threshold: float, layer: int
+        cls,
+        embeddings: torch.Tensor,
+        center: torch.Tensor,
+        threshold: float,
+        layer: int,
+        scale: torch.Tensor | None = None,
     ) -> Scope:
-        keys = _normalise(embeddings.float() - center.float())
-        return cls(keys=keys, center=center.float(), threshold=float(threshold), layer=layer)
+        scope = cls(
+            keys=torch.empty(0),
+            center=center.float(),
+            threshold=float(threshold),
+            layer=layer,
+            scale=scale.float() if scale is not None else None,
+        )
+        scope.keys = scope.project(embeddings)
+        return scope
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, D] -> the unit vectors keys and queries are compared as."""
+        x = embeddings.float() - self.center
+        if self.scale is not None:
+            x = x / self.scale
+        return _normalise(x)
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """Max cosine similarity of each query [B, D] to the scope's keys -> [B]."""
         if self.keys.numel() == 0:
             return torch.full((queries.shape[0],), -1.0)
-        q = _normalise(queries.float() - self.center)
-        return (q @ self.keys.T).max(dim=1).values
+        return (self.project(queries) @ self.keys.T).max(dim=1).values
 
     def contains(self, queries: torch.Tensor) -> torch.Tensor:
         return self.scores(queries) >= self.threshold
@@ -55,11 +74,10 @@ class Scope:
             "layer": str(self.layer),
             "format": "ouro-scope-1",
         }
-        save_file(
-            {"keys": self.keys.contiguous(), "center": self.center.contiguous()},
-            str(Path(folder) / SCOPE_FILE),
-            metadata=meta,
-        )
+        tensors = {"keys": self.keys.contiguous(), "center": self.center.contiguous()}
+        if self.scale is not None:
+            tensors["scale"] = self.scale.contiguous()
+        save_file(tensors, str(Path(folder) / SCOPE_FILE), metadata=meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> Scope:
@@ -71,11 +89,18 @@ class Scope:
         tensors = load_file(str(path))
         if meta.get("format") != "ouro-scope-1" or "keys" not in tensors or "center" not in tensors:
             raise ValueError(f"{path} is not an Ouro scope file")
+        keys, center = tensors["keys"].float(), tensors["center"].float()
+        scale = tensors["scale"].float() if "scale" in tensors else None
+        if keys.dim() != 2 or center.shape != keys.shape[1:]:
+            raise ValueError(f"{path}: keys and centre do not have matching widths")
+        if scale is not None and (scale.shape != center.shape or not bool((scale > 0).all())):
+            raise ValueError(f"{path}: the scale must be positive and as wide as the keys")
         return cls(
-            keys=tensors["keys"].float(),
-            center=tensors["center"].float(),
+            keys=keys,
+            center=center,
             threshold=float(meta["threshold"]),
             layer=int(meta["layer"]),
+            scale=scale,
         )
 
 

@@ -57,7 +57,45 @@ def test_scope_round_trips_through_the_contract_file(tmp_path: Path) -> None:
     scope.save(tmp_path)
     loaded = Scope.load(tmp_path)
     assert loaded.threshold == scope.threshold and loaded.layer == 4
+    assert loaded.scale is not None and scope.scale is not None
+    assert torch.equal(loaded.scale, scope.scale)
     assert torch.equal(loaded.contains(held), scope.contains(held))
+
+
+def test_scaling_stops_one_loud_dimension_from_deciding() -> None:
+    """A dimension that swings wildly across ordinary questions would dominate every cosine;
+    dividing by each dimension's spread over the general prompts takes its say away."""
+    phr, sizes, general, held = _clusters()
+    g = torch.Generator().manual_seed(1)
+    for x in (phr, general, held):
+        x[:, 0] = torch.randn(x.shape[0], generator=g) * 200
+    scope, metrics = fit_from_embeddings(phr, sizes, general[:20], layer=4)
+    assert scope.scale is not None and scope.scale[0] > 50 * scope.scale[1:].median()
+    assert scope.contains(held).all() and metrics["recall"] == 1.0
+    unscaled = Scope.from_embeddings(phr, general[:20].mean(0), threshold=0.0, layer=4)
+    assert (unscaled.scores(general[20:]) > 0.9).float().mean() > 0.2  # the loud dimension wins
+
+
+def test_scope_files_without_a_scale_still_load(tmp_path: Path) -> None:
+    """Versions written before scaling existed keep routing as they did."""
+    phr, _, general, held = _clusters()
+    old = Scope.from_embeddings(phr, general.mean(0), threshold=0.5, layer=4)
+    old.save(tmp_path)
+    loaded = Scope.load(tmp_path)
+    assert loaded.scale is None and torch.equal(loaded.scores(held), old.scores(held))
+
+
+def test_a_corrupt_scale_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    phr, sizes, general, _ = _clusters()
+    scope, _ = fit_from_embeddings(phr, sizes, general, layer=4)
+    scope.save(tmp_path)
+    meta = {"threshold": "0.5", "layer": "4", "format": "ouro-scope-1"}
+    bad = {"keys": scope.keys, "center": scope.center, "scale": -torch.ones(32)}
+    save_file(bad, str(tmp_path / "scope.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="scale"):
+        Scope.load(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +132,7 @@ def test_bundled_model_scope_separates_held_out_prompts(bundled: tuple[Any, Any]
         for f in facts
     ]
     scope, metrics = fit_scope(model, tok, examples, general_fit_prompts())
-    assert scope.layer == 10
+    assert scope.layer == 8 and scope.scale is not None
     recall = route(model, tok, scope, [f["heldout"] for f in facts]).float().mean()
     fpr = route(model, tok, scope, general_prompts()).float().mean()
     assert recall >= 0.8, recall
