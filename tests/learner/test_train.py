@@ -158,3 +158,14 @@ def test_bundled_model_learns_corrections_and_keeps_other_answers(
     assert report.generalisation >= 0.75
     assert report.retention >= 0.95
     assert report.passed, report.reasons
+
+
+def test_lora_can_be_limited_to_the_upper_layers() -> None:
+    from learner.train import adapted_layers, lora_config
+
+    assert adapted_layers(LoraShape(), 30) is None  # default: every layer
+    assert adapted_layers(LoraShape(first_layer=20), 30) == list(range(20, 30))
+    assert adapted_layers(LoraShape(first_layer=-2), 30) == [28, 29]
+    assert lora_config(LoraShape(first_layer=28), 30).layers_to_transform == [28, 29]
+    with pytest.raises(ValueError, match="only 30 layers"):
+        adapted_layers(LoraShape(first_layer=30), 30)
