@@ -88,15 +88,21 @@ class LocalEngine(InferenceEngine):
         max_batch_size: int = 16,
         max_resident_adapters: int = 32,
         load_in_4bit: bool = False,
+        gathered_lora: bool = True,
         loaded: tuple[Any, Any] | None = None,
     ) -> None:
-        """`loaded` = (model, tokenizer) already in memory (tests) instead of loading `model`."""
+        """`loaded` = (model, tokenizer) already in memory (tests) instead of loading `model`.
+
+        `gathered_lora`: rows on different adapters share two batched matmuls per LoRA layer
+        (`model.gathered`); off, peft's mixed-batch forward loops over the batch's adapters.
+        """
         if max_batch_size < 1 or max_resident_adapters < 1:
             raise ValueError("max_batch_size and max_resident_adapters must be at least 1")
         self.model_id = model
         self.model_name = model
         self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
         self.load_in_4bit = load_in_4bit
+        self.gathered_lora = gathered_lora
         self.max_batch_size = max_batch_size
         self.adapters_dir = Path(adapters_dir)
         self.registry = Registry(self.adapters_dir, max_resident_adapters)
@@ -136,6 +142,7 @@ class LocalEngine(InferenceEngine):
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self._host = LoraHost(model, self.registry.max_resident)
+        self._host.gather.enabled = self.gathered_lora
         self._worker = Worker(
             self._host, tokenizer, self.registry, self.adapters_dir, self.max_batch_size
         )
@@ -221,6 +228,13 @@ class LocalEngine(InferenceEngine):
             resident_adapters=self.registry.resident_count(),
             active_versions=self.active_versions(),
         )
+
+    async def set_gathered_lora(self, on: bool) -> None:
+        """Switch between gathered and peft per-row LoRA between decode steps (benchmarks)."""
+        self.gathered_lora = on
+        if self._host is not None:
+            host = self._host
+            await self._call(lambda: setattr(host.gather, "enabled", on))
 
     def adapter_load_seconds(self) -> list[float]:
         """How long recent adapter loads took in the worker (attach only, not file reads)."""

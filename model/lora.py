@@ -3,12 +3,13 @@
 Adapters of one LoRA shape take turns in the same peft modules ("slots", see `LoraHost`):
 loading one copies its weights into a free slot instead of building new modules.
 
-Per-row adapters use peft's mixed-batch LoRA forward (every LoRA layer's
-`forward(x, adapter_names=[...])`, "__base__" for rows without an adapter), exactly what
-`PeftModel.forward(..., adapter_names=...)` sets up. We install the pre-forward hooks
+Per-row adapters: row i of a batch goes through adapter names[i] ("__base__": none). The
+fast path stacks the batch's adapters per layer and applies them with two batched matmuls
+(`model.gathered`). The fallback, for LoRA kinds that path does not cover, is peft's
+mixed-batch forward (every LoRA layer's `forward(x, adapter_names=[...])`), exactly what
+`PeftModel.forward(..., adapter_names=...)` sets up. We install its pre-forward hooks
 ourselves because peft's context manager walks the whole module tree on every call and does
-not remove its hooks when the forward raises; here the LoRA module list is cached per
-adapter set and the hooks always come off.
+not remove its hooks when the forward raises; here the hooks always come off.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from typing import Any
 
 import torch
 
+from model.gathered import BASE, Gather
 from model.interface import AdapterLoadError
 from model.registry import AdapterFiles
 from model.scope import embed_questions
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"
+__all__ = ["BASE", "LoraHost", "embed_base", "forward", "peft_forward", "unwrap"]
 
 
 def is_peft(model: Any) -> bool:
@@ -115,6 +117,15 @@ class LoraHost:
         self._named = 0
         self._layouts: dict[str, Layout | None] = {}  # shape key -> the weights it takes
         self.counts = Counter[str]()  # "reused" and "created" slots
+        self.gather = Gather()
+
+    def forward(self, names: list[str], **kwargs: Any) -> Any:
+        """One forward of the transformers model, row i through slot names[i] ("__base__": none).
+
+        Batched gathered LoRA (`model.gathered`) where the slots allow it, else peft's
+        mixed-batch path; both compute the same thing.
+        """
+        return forward(self.model, self.modules, names, gather=self.gather, **kwargs)
 
     def attach(self, files: AdapterFiles) -> str:
         """Load an adapter's weights into a slot and return the slot's name (its peft name).
@@ -180,6 +191,8 @@ class LoraHost:
         except Exception as exc:
             self._drop(name)  # partly overwritten: nobody may route through it
             raise AdapterLoadError(f"adapter does not fit the model: {exc}") from exc
+        finally:
+            self.gather.forget()  # stacks copied from the slot's old weights
         slot.used = True
         self.counts["reused"] += 1
 
@@ -208,6 +221,7 @@ class LoraHost:
         finally:
             self.model.eval()
             self.modules = lora_modules(self.model)
+            self.gather.forget()
         self.counts["created"] += 1
 
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -252,6 +266,7 @@ class LoraHost:
         if is_peft(self.model) and name in self.model.peft_config:
             _delete(self.model, name)
             self.modules = lora_modules(self.model)
+            self.gather.forget()
 
 
 def _lora_only(shapes: Layout) -> Layout:
@@ -306,8 +321,25 @@ def unwrap(model: Any) -> Any:
     return model.base_model.model if is_peft(model) else model
 
 
-def forward(model: Any, modules: list[Any], names: list[str], **kwargs: Any) -> Any:
-    """One forward of the underlying transformers model with per-row adapters."""
+def forward(
+    model: Any, modules: list[Any], names: list[str], *, gather: Gather | None = None, **kwargs: Any
+) -> Any:
+    """One forward of the underlying transformers model with per-row adapters.
+
+    Gathered (`model.gathered`) where the adapters allow it, else peft's mixed-batch path.
+    `gather` keeps its per-adapter-set plan between calls (the worker's decode steps).
+    """
+    inner = unwrap(model)
+    if not modules:
+        return inner(**kwargs)
+    with (gather or Gather()).rows(modules, names) as gathered:
+        if gathered:
+            return inner(**kwargs)
+    return peft_forward(model, modules, names, **kwargs)
+
+
+def peft_forward(model: Any, modules: list[Any], names: list[str], **kwargs: Any) -> Any:
+    """The same forward through peft's own per-row LoRA (one pass per adapter in the batch)."""
     inner = unwrap(model)
     if not modules:
         return inner(**kwargs)

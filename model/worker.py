@@ -23,7 +23,7 @@ import torch
 
 from model.batching import Detokenizer, KVBatch, left_pad, new_cache, sample
 from model.interface import GenerationRequest
-from model.lora import BASE, LoraHost, embed_base, forward
+from model.lora import BASE, LoraHost, embed_base
 from model.registry import AdapterFiles, Entry, Registry, read_adapter
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,7 @@ class Worker:
         device = next(self._host.model.parameters()).device
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self._host.model.config)
-        out = forward(
-            self._host.model,
-            self._host.modules,
+        out = self._host.forward(
             [r.name for r in rows],
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -328,9 +326,7 @@ class Worker:
         device = kv.mask.device
         try:
             mask = kv.step_mask()
-            out = forward(
-                self._host.model,
-                self._host.modules,
+            out = self._host.forward(
                 [r.name for r in rows],
                 input_ids=torch.tensor([[r.last] for r in rows], device=device),
                 attention_mask=mask,

@@ -41,6 +41,7 @@ def make_engine(settings: Settings) -> InferenceEngine:
         max_batch_size=settings.max_batch_size,
         max_resident_adapters=settings.max_resident_adapters,
         load_in_4bit=settings.load_in_4bit,
+        gathered_lora=settings.gathered_lora,
     )
 
 

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_resident_adapters: int = Field(
         32, ge=1, description="Adapters kept in memory; least recently used idle ones are evicted."
     )
+    gathered_lora: bool = Field(
+        True,
+        description="Apply a batch's different adapters with batched matmuls (off: peft's "
+        "per-adapter loop, slower with many adapters per batch).",
+    )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt for every chat.")
     max_new_tokens: int = Field(200, ge=1, le=4096, description="Longest answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 answers greedily (repeatable).")

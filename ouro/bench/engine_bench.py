@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.engine import LocalEngine
 from model.interface import (
     AdapterSpec,
     ChatMessage,
@@ -137,6 +138,11 @@ async def bench_concurrency(
         await engine.deactivate(None)
         base = await timed_batch(engine, [None] * n, tokens)
         distinct = await timed_batch(engine, owners[:n], tokens)
+        peft_loop = None
+        if isinstance(engine, LocalEngine):  # the same batch through peft's per-adapter loop
+            await engine.set_gathered_lora(False)
+            peft_loop = await timed_batch(engine, owners[:n], tokens)
+            await engine.set_gathered_lora(True)
         await engine.activate(AdapterSpec(f"conc-shared-{n}", str(shared_dir), owner=None))
         one = await timed_batch(engine, [f"nobody{i}" for i in range(n)], tokens)
         await engine.deactivate(None)
@@ -148,6 +154,7 @@ async def bench_concurrency(
                 "base_tok_s": base.rate,
                 "one_adapter_tok_s": one.rate,
                 "distinct_tok_s": distinct.rate,
+                "distinct_peft_loop_tok_s": peft_loop.rate if peft_loop else None,
                 "distinct_vs_single_user": distinct.rate / single if single else None,
                 "distinct_cost": 1 - distinct.rate / one.rate if one.rate else None,
             }
