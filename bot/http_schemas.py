@@ -330,7 +330,8 @@ class JobOut(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any] = Field(
         description="Per candidate version: the gate's scores (uptake, generalisation, "
-        "retention, perplexity) and training steps and seconds, once known."
+        "retention, perplexity), training steps and seconds, and whether training started "
+        "from the live version's weights (resumed), once known."
     )
     gate: dict[str, Any] | None = Field(
         description="What the gate decided, once it has: promoted and rejected versions, and "
@@ -359,6 +360,7 @@ class JobOut(BaseModel):
                             "perplexity": 6.1,
                             "steps": 4,
                             "train_seconds": 9.8,
+                            "resumed": True,
                         }
                     },
                     "gate": {"promoted": ["u7-20260101-0001"], "rejected": [], "reasons": {}},

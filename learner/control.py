@@ -98,6 +98,10 @@ class LearnerConfig:
         default=True,
         metadata=_help("Keep a trainer process with the base model loaded between runs."),
     )
+    incremental: bool = field(
+        default=True,
+        metadata=_help("Start a new version from the live one's weights when it allows."),
+    )
     poll_seconds: float = field(default=5.0, metadata=_help("Job queue poll interval."))
     sync_seconds: float = field(
         default=5.0, metadata=_help("Engine/store sync interval (worker mode).")
@@ -177,6 +181,8 @@ class LearnerControl:
                     "device": config.device,
                     "dtype": config.dtype,
                     "cache_dir": str(config.model_cache_dir) if config.model_cache_dir else None,
+                    "gate_cache_dir": str(config.gate_cache),
+                    "system_prompt": config.system_prompt,
                 }
             self.warm = WarmTrainer(time_limit=config.train_timeout_s, preload=preload)
         self.ctx = JobContext(
@@ -196,6 +202,7 @@ class LearnerControl:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._prewarming: asyncio.Task[None] | None = None
         self._submit_lock = asyncio.Lock()
         self._counts: Counter[str] = Counter()
         self._last: dict[str, Any] = {}
@@ -219,7 +226,8 @@ class LearnerControl:
             )
             self._tasks.append(asyncio.create_task(worker, name="ouro-learner"))
             if self.warm is not None and self.warm.preload is not None:
-                self._tasks.append(asyncio.create_task(self._prewarm(), name="ouro-trainer"))
+                self._prewarming = asyncio.create_task(self._prewarm(), name="ouro-trainer")
+                self._tasks.append(self._prewarming)
         elif self.engine is not None:
             sync = pub.sync_engine_every(
                 self.store, self.engine, self.config.sync_seconds, self._stop
@@ -239,6 +247,11 @@ class LearnerControl:
         self._tasks.clear()
         if self.warm is not None:
             await self.warm.close()
+
+    async def ready(self) -> None:
+        """Wait until the trainer process started ahead of time has the base model loaded."""
+        if self._prewarming is not None:
+            await asyncio.shield(self._prewarming)
 
     async def _prewarm(self) -> None:
         assert self.warm is not None

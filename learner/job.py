@@ -84,6 +84,7 @@ class Plan:
     examples: list[Correction]
     new: list[Correction]
     other_questions: list[str] = field(default_factory=list)
+    rebuild: bool = False  # an admin asked: train from scratch even with nothing new
 
     @property
     def label(self) -> str:
@@ -169,7 +170,12 @@ async def _update(store: Store, job_id: int, **changes: Any) -> None:
 
 
 async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list[Plan], list[str]]:
-    """The adapters this job trains, personal ones first; plus notes on what it skipped."""
+    """The adapters this job trains, personal ones first; plus notes on what it skipped.
+
+    A scheduled or automatic job trains only where there is something new. An admin's job
+    (`/retrain`) also rebuilds adapters with nothing new, from scratch.
+    """
+    rebuild = job.requested_by is not None
     everyone = await store.list_corrections()
     shared = shared_learnable(everyone, min_users)
     if job.target_user_id is not None:
@@ -184,7 +190,7 @@ async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list
             c for c in own if c.status in (CorrectionStatus.ACCEPTED, CorrectionStatus.TRAINED)
         )
         new = [c for c in current if c.status == CorrectionStatus.ACCEPTED]
-        if not new:
+        if not new and not (rebuild and current):
             continue
         if job.requested_by is None and await _already_refused(
             store, AdapterScope.PERSONAL, owner, new
@@ -195,11 +201,11 @@ async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list
         extra = [c for c in shared if _question_key(c) not in asked]
         examples = current + extra
         others = unrelated_questions(everyone, owner, examples)
-        plans.append(Plan(AdapterScope.PERSONAL, owner, examples, new, others))
+        plans.append(Plan(AdapterScope.PERSONAL, owner, examples, new, others, rebuild))
     if job.target_user_id is None and shared:
         active = await store.active_adapter(AdapterScope.SHARED, None)
         learned = set(active.metrics.get("correction_ids", [])) if active else set()
-        if {c.id for c in shared} != learned:
+        if {c.id for c in shared} != learned or rebuild:
             new = [c for c in shared if c.id not in learned] or shared
             if job.requested_by is None and await _already_refused(
                 store, AdapterScope.SHARED, None, shared
@@ -208,7 +214,7 @@ async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list
                     "shared adapter: waiting for new corrections (the last candidate failed)"
                 )
             else:
-                plans.append(Plan(AdapterScope.SHARED, None, shared, new))
+                plans.append(Plan(AdapterScope.SHARED, None, shared, new, rebuild=rebuild))
     return plans, notes
 
 
@@ -238,6 +244,8 @@ async def train_and_publish(
         floors=cfg.floors(),
         active_report=active.metrics.get("report") if active else None,
         other_questions=plan.other_questions,
+        start_from=start_from(plan, active) if cfg.incremental and not plan.rebuild else None,
+        new_ids=[c.id for c in plan.new],
         entry=cfg.train_entry,
     )
 
@@ -418,6 +426,20 @@ def run_params(plan: Plan, cfg: LearnerConfig, owner: str) -> dict[str, Any]:
     }
 
 
+def start_from(plan: Plan, active: AdapterVersion | None) -> str | None:
+    """The live version's folder when the candidate may start from its weights.
+
+    Only when everything the live version learned is still to be learned: a correction that was
+    deleted, replaced or forgotten must not survive in weights the new version inherits.
+    """
+    if active is None or not active.metrics.get("learned", False):
+        return None
+    held = set(active.metrics.get("correction_ids") or [])
+    if not held or not held <= {c.id for c in plan.examples}:
+        return None
+    return str(Path(active.path).resolve())
+
+
 def adapter_metrics(plan: Plan, output: TrainOutput) -> dict[str, Any]:
     """What the registry keeps about a candidate: gate numbers, and which corrections it holds."""
     train, report = output.train, output.report
@@ -426,6 +448,7 @@ def adapter_metrics(plan: Plan, output: TrainOutput) -> dict[str, Any]:
         "steps": train.get("steps"),
         "train_seconds": train.get("seconds"),
         "learned": train.get("learned"),
+        "resumed": bool(train.get("resumed")),
         "report": dict(report),
         "correction_ids": sorted(c.id for c in plan.examples),
         "new_ids": sorted(c.id for c in plan.new),
@@ -482,7 +505,7 @@ def _question_key(c: Correction) -> str:
 def job_metrics(adapter: AdapterVersion) -> dict[str, Any]:
     """The numbers a job reports per candidate: the gate's scores and the training effort."""
     m = adapter.metrics
-    keys = (*GATE_METRICS, "steps", "train_seconds")
+    keys = (*GATE_METRICS, "steps", "train_seconds", "resumed")
     return {k: m[k] for k in keys if isinstance(m.get(k), int | float)}
 
 

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class TrainSpec:
     floors: dict[str, float] = field(default_factory=dict)
     active_report: dict[str, Any] | None = None
     other_questions: list[str] = field(default_factory=list)
+    start_from: str | None = None  # the live version's folder, to start its weights from
+    new_ids: list[int] = field(default_factory=list)  # corrections the live version lacks
     entry: str = DEFAULT_ENTRY
     nice: int = 10  # CPU priority below the bots', so chat stays fast while training runs
 
@@ -198,9 +200,24 @@ class WarmTrainer:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
     async def warm(self) -> None:
-        """Start the child (loading the base model) now rather than at the first run."""
+        """Start the child now rather than at the first run; return once it has loaded (and
+        prepared, see `prepare_checks`) what `preload` names, or failed to."""
         async with self._lock:
-            await self._ensure()
+            proc = await self._ensure()
+            if self.preload is None or proc.stdout is None:
+                return
+            try:
+                async with asyncio.timeout(self.time_limit):
+                    while True:
+                        raw = await proc.stdout.readline()
+                        if not raw:
+                            break  # died while loading
+                        event = _parse(raw)
+                        if event is not None and event.get("event") in ("ready", "load_failed"):
+                            return
+            except TimeoutError:
+                log.warning("the trainer process took too long to load; starting over later")
+            await self._kill()  # the first run starts a fresh one
 
     async def __call__(self, spec: TrainSpec, progress: ProgressFn) -> TrainOutput:
         async with self._lock:
@@ -332,6 +349,8 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
         spec["out_dir"],
         replay=replay,
         progress=lambda p: emit({"event": "progress", "stage": "training", **p}),
+        start_from=spec.get("start_from"),
+        new_ids=spec.get("new_ids") or None,
     )
     emit({"event": "progress", "stage": "gate", "step": result.steps, "loss": None})
     active = spec.get("active_report")
@@ -357,6 +376,30 @@ def base_model(model: str, device: str, dtype: str, cache_dir: str | None) -> tu
 
     loaded, tokenizer, _ = load_base_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
     return loaded, tokenizer
+
+
+def prepare_checks(
+    model: Any,
+    tokenizer: Any,
+    gate_cache_dir: str,
+    system_prompt: str,
+    general: Sequence[str] | None = None,
+) -> None:
+    """Work every run repeats on the unchanged base model, done once before the first run.
+
+    The scope's negatives (general prompts embedded at the scope layer, kept in memory) and the
+    gate's reference answers (the base model's own answers to the held-out prompts, cached on
+    disk): on a fresh data folder the latter is most of a first run's gate time. `general`
+    replaces the gate's held-out prompts (tests).
+    """
+    from learner.gate import general_prompts, reference_answers
+    from learner.scope_fit import warm_negatives
+
+    warm_negatives(model, tokenizer)
+    prompts = list(general) if general is not None else general_prompts()
+    reference_answers(
+        model, tokenizer, prompts, system_prompt=system_prompt, cache_dir=gate_cache_dir
+    )
 
 
 def _load_entry(entry: str) -> Callable[[dict[str, Any], Emit], dict[str, Any]]:
@@ -427,9 +470,16 @@ def _serve(emit: Emit) -> int:
             continue
         if op == "load":
             try:
-                base_model(
+                model, tokenizer = base_model(
                     request["model"], request["device"], request["dtype"], request.get("cache_dir")
                 )
+                if request.get("gate_cache_dir"):
+                    prepare_checks(
+                        model,
+                        tokenizer,
+                        request["gate_cache_dir"],
+                        request.get("system_prompt", ""),
+                    )
                 emit({"event": "ready"})
             except Exception as exc:  # the first run will report it again, with its job
                 traceback.print_exc()

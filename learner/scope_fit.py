@@ -107,6 +107,11 @@ _NEGATIVES: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[str, ...]], tor
 )
 
 
+def warm_negatives(model: Any, tokenizer: Any) -> None:
+    """Embed the shipped general prompts at the default scope layer ahead of the first fit."""
+    _negatives(model, tokenizer, general_fit_prompts(), default_layer(model))
+
+
 def _negatives(model: Any, tokenizer: Any, prompts: list[str], layer: int) -> torch.Tensor:
     """Embeddings of the general prompts, cached per (base) model object, layer and prompt list.
 

@@ -1,9 +1,14 @@
-"""Train one adapter version: a fresh LoRA of the fixed shape on a user's corrections + its scope.
+"""Train one adapter version: a LoRA of the fixed shape on a user's corrections + its scope.
 
 The base model object is borrowed: LoRA layers are injected, trained and removed again, so the
 caller's weights are untouched (a test checks this). Training stops as soon as every phrasing
 of every correction is answered exactly (teacher-forced check), which on the bundled model is
 a handful of steps: that is most of the correction-to-live time.
+
+A new version can start from the live one (`start_from`) when that holds nothing the new one
+must not: it already answers the older corrections, so the steps go to the new ones (sampled
+about as often as all the old ones together, which stay in the data so they are not lost).
+Sequential corrections then cost about what the newest ones cost, not what all of them do.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +222,16 @@ def train_adapter(
     replay: Sequence[TrainExample] = (),
     progress: Callable[[dict[str, Any]], None] | None = None,
     general_prompts: Sequence[str] | None = None,
+    start_from: str | Path | None = None,
+    new_ids: Collection[int] | None = None,
 ) -> TrainResult:
-    """Train a fresh LoRA on `examples` (+ `replay`), fit its scope, write both into `out_dir`.
+    """Train a LoRA on `examples` (+ `replay`), fit its scope, write both into `out_dir`.
 
     `general_prompts` are the scope's negatives (default: the shipped fitting set). The files
     appear in `out_dir` only once complete (written to a temp folder, then renamed).
+    `start_from`: an adapter folder (the live version) whose LoRA weights the new one starts
+    from, when its shape is this one's; `new_ids` are the corrections it does not hold yet.
+    Anything else (no such folder, another shape, unreadable weights) starts from scratch.
     """
     started = time.monotonic()
     if not examples:
@@ -235,7 +245,6 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    dataset = build_dataset([*examples, *replay], tokenizer, config.system_prompt, config.method)
     probes = [
         encode(tokenizer, p.messages, p.answer)
         for ex in examples
@@ -249,6 +258,9 @@ def train_adapter(
     _unmark_gguf(model)
     peft_model = _attach_lora(model, config.shape)
     try:
+        resumed = start_from is not None and _resume(peft_model, Path(start_from))
+        mix = _weighted(examples, new_ids) if resumed else list(examples)
+        dataset = build_dataset([*mix, *replay], tokenizer, config.system_prompt, config.method)
         steps_per_epoch = -(-len(dataset) // min(BATCH_SIZE, len(dataset)))
         monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, steps_per_epoch, progress)
         trainer = _trainer(peft_model, tokenizer, dataset, config, tmp / "trainer")
@@ -272,7 +284,49 @@ def train_adapter(
         seconds=time.monotonic() - started,
         learned=monitor.learned,
         scope=scope_metrics,
+        resumed=resumed,
     )
+
+
+def _weighted(examples: list[TrainExample], new_ids: Collection[int] | None) -> list[TrainExample]:
+    """Old corrections once, new ones repeated until they are about half of the data."""
+    if not new_ids:
+        return list(examples)
+    new = [ex for ex in examples if ex.correction_id in new_ids]
+    old = [ex for ex in examples if ex.correction_id not in new_ids]
+    if not new or not old:
+        return list(examples)
+    return old + new * max(1, round(len(old) / len(new)))
+
+
+def _resume(peft_model: Any, folder: Path) -> bool:
+    """Load a saved adapter's LoRA weights into the fresh LoRA; False (still fresh) if unfit."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ours = peft_model.peft_config["default"]
+    try:
+        theirs = LoraConfig.from_pretrained(str(folder))
+        fields = ("r", "lora_alpha", "use_rslora", "use_dora", "layers_to_transform", "bias")
+        if any(getattr(theirs, f) != getattr(ours, f) for f in fields) or set(
+            theirs.target_modules
+        ) != set(ours.target_modules):
+            log.info("starting from scratch: %s has another LoRA shape", folder.name)
+            return False
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        result: Any = set_peft_model_state_dict(peft_model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    except Exception as exc:
+        log.warning("starting from scratch: cannot start from %s: %s", folder, exc)
+        for module in peft_model.modules():  # undo a partial load
+            if hasattr(module, "reset_lora_parameters") and "default" in getattr(
+                module, "lora_A", {}
+            ):
+                module.reset_lora_parameters("default", True)
+        return False
+    return True
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -65,6 +65,7 @@ class TrainResult:
     seconds: float
     learned: bool  # early-stop criterion met: every correction answered exactly (teacher-forced)
     scope: dict[str, float]  # threshold, recall, fpr, auc, layer (see learner.scope_fit)
+    resumed: bool = False  # started from the live version's weights (see train_adapter)
 
 
 @dataclass(frozen=True)

@@ -89,12 +89,14 @@ class LocalEngine(InferenceEngine):
         max_resident_adapters: int = 32,
         load_in_4bit: bool = False,
         gathered_lora: bool = True,
+        lora_stack_mb: int = 512,
         loaded: tuple[Any, Any] | None = None,
     ) -> None:
         """`loaded` = (model, tokenizer) already in memory (tests) instead of loading `model`.
 
         `gathered_lora`: rows on different adapters share two batched matmuls per LoRA layer
         (`model.gathered`); off, peft's mixed-batch forward loops over the batch's adapters.
+        `lora_stack_mb`: memory for those stacks between decode steps (more: restacked per step).
         """
         if max_batch_size < 1 or max_resident_adapters < 1:
             raise ValueError("max_batch_size and max_resident_adapters must be at least 1")
@@ -103,6 +105,7 @@ class LocalEngine(InferenceEngine):
         self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
         self.load_in_4bit = load_in_4bit
         self.gathered_lora = gathered_lora
+        self.lora_stack_bytes = max(0, lora_stack_mb) << 20
         self.max_batch_size = max_batch_size
         self.adapters_dir = Path(adapters_dir)
         self.registry = Registry(self.adapters_dir, max_resident_adapters)
@@ -143,6 +146,7 @@ class LocalEngine(InferenceEngine):
         self.tokenizer = tokenizer
         self._host = LoraHost(model, self.registry.max_resident)
         self._host.gather.enabled = self.gathered_lora
+        self._host.gather.max_bytes = self.lora_stack_bytes
         self._worker = Worker(
             self._host, tokenizer, self.registry, self.adapters_dir, self.max_batch_size
         )

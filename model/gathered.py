@@ -107,7 +107,9 @@ class Gather:
                 module._disable_adapters = True  # peft runs the base layer only
             if distinct:
                 for module, layer in layers:
-                    hook = partial(_add_delta, layer=layer, rows=rows, single=single)
+                    hook = partial(
+                        _add_delta, layer=layer, rows=rows, single=single, batch=len(names)
+                    )
                     handles.append(module.register_forward_hook(hook))
             yield True
         finally:
@@ -155,12 +157,14 @@ def _add_delta(
     layer: _Layer,
     rows: torch.Tensor | None,
     single: bool,
+    batch: int,
 ) -> torch.Tensor:
-    x = args[0].to(layer.a[0].dtype)
+    x = args[0].to(layer.a.dtype)
     if single:
         delta = (x @ layer.a[0].T) @ layer.b[0].T * layer.scale[0]
         return output + delta.to(output.dtype)
-    batch = x.shape[0]
+    if x.dim() < 2 or x.shape[0] != batch:  # rows must stay rows: [batch, ..., features]
+        raise RuntimeError(f"gathered LoRA got input {tuple(x.shape)} for {batch} rows")
     a, b, scale = layer.a, layer.b, layer.scale
     if rows is not None:
         a, b, scale = a[rows], b[rows], scale[rows]

@@ -42,6 +42,7 @@ def make_engine(settings: Settings) -> InferenceEngine:
         max_resident_adapters=settings.max_resident_adapters,
         load_in_4bit=settings.load_in_4bit,
         gathered_lora=settings.gathered_lora,
+        lora_stack_mb=settings.lora_stack_mb,
     )
 
 
@@ -61,6 +62,7 @@ def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any
         learning_rate=settings.learning_rate,
         max_steps=settings.max_train_steps,
         warm_trainer=settings.warm_trainer,
+        incremental=settings.incremental_training,
         method=settings.training_method,
         min_uptake=settings.gate_min_uptake,
         min_retention=settings.gate_min_retention,

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         description="Apply a batch's different adapters with batched matmuls (off: peft's "
         "per-adapter loop, slower with many adapters per batch).",
     )
+    lora_stack_mb: int = Field(
+        512,
+        ge=0,
+        description="Memory for the stacked LoRA weights of the batch's adapters, kept between "
+        "decode steps (fp32 default shape: ~20 MB per adapter); a batch needing more restacks "
+        "them every step.",
+    )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System prompt for every chat.")
     max_new_tokens: int = Field(200, ge=1, le=4096, description="Longest answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 answers greedily (repeatable).")
@@ -138,6 +145,12 @@ class Settings(BaseSettings):
         True,
         description="Keep a trainer process with the base model loaded between training runs "
         "(corrections go live ~15 s sooner; costs a second copy of the model in memory).",
+    )
+    incremental_training: bool = Field(
+        True,
+        description="Start each version from the live one when the live one holds only "
+        "corrections the new one keeps: training goes to the new corrections (sequential "
+        "corrections go live in a fraction of the time).",
     )
     correction_max_chars: int = Field(2000, ge=1, description="Longest accepted correction.")
     daily_correction_quota: int = Field(

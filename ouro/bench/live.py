@@ -2,8 +2,12 @@
 
 The whole product path runs: the chat service stores the user's turns and corrections, the
 in-process learner validates, trains in a child process, gates and publishes, and the engine
-hot-swaps the new version. The clock stops when every corrected question, asked again
-through the chat service, comes back with the corrected answer.
+hot-swaps the new version. The clock stops when the corrected question, asked again through
+the chat service, comes back with the corrected answer.
+
+Two ways in: a batch of N corrections stored at once and learned by one run (from scratch),
+and the N-th of N sequential corrections, the earlier ones already live (the new run starts
+from the live version's weights, see learner.train).
 """
 
 from __future__ import annotations
@@ -33,46 +37,78 @@ def _learned(answer: str, expected: str) -> bool:
     return expected.strip().rstrip(".").casefold() in answer.casefold()
 
 
-async def one_run(settings: Settings, count: int, timeout_s: float) -> dict[str, Any]:
+async def one_run(
+    settings: Settings, count: int, timeout_s: float, *, sequential: bool = False
+) -> dict[str, Any]:
+    """Time the last of `count` corrections from stored to served.
+
+    batch: all `count` are stored first and one training run learns them together.
+    sequential: the first `count - 1` are learned one run at a time (untimed), as a user who
+    corrects now and then would have them; then the last one is timed.
+    """
     from ouro.app import open_core
 
     facts = load_facts(count)
     actor = Actor("console", "bench", "bench", "bench")
     async with open_core(settings, learner_in_process=True) as core:
+        await core.learner.ready()  # a running bot has its trainer loaded long before
+        earlier, last = (facts[:-1], facts[-1:]) if sequential else ([], facts)
+        for i, fact in enumerate(earlier, start=1):
+            await _correct(core, actor, fact)
+            if await _served(core, actor, facts[:i], time.perf_counter() + timeout_s) is None:
+                raise RuntimeError(f"correction {i} of {count} never went live")
         stored_at = time.perf_counter()
-        for fact in facts:
-            await _ask(core.service, actor, fact["question"])
-            reply = await core.service.correct(actor, fact["answer"])
-            if not reply.ok:
-                raise RuntimeError(f"correction refused: {reply.text}")
+        for fact in last:
+            await _correct(core, actor, fact)
             stored_at = time.perf_counter()
+        live = await _served(core, actor, last, stored_at + timeout_s)
+        elapsed = live - stored_at if live is not None else None
+        served = 0
+        for fact in facts:  # untimed: everything learned so far is still answered
+            served += _learned(await _ask(core.service, actor, fact["question"]), fact["answer"])
             await core.service.reset(actor)
-        deadline = stored_at + timeout_s
-        live = None
-        while time.perf_counter() < deadline:
-            versions = core.engine.active_versions()
-            if versions:
-                ok = 0
-                for fact in facts:
-                    ok += _learned(
-                        await _ask(core.service, actor, fact["question"]), fact["answer"]
-                    )
-                    await core.service.reset(actor)
-                if ok == len(facts) or ok / len(facts) >= 0.8:
-                    live = time.perf_counter() - stored_at
-                    break
-            await asyncio.sleep(1.0)
         user = await core.store.find_user("console", "bench")
         active = await core.store.active_adapter("personal", user.id) if user else None
         metrics = active.metrics if active else {}
     return {
+        "mode": "sequential" if sequential else "batch",
         "corrections": count,
-        "correction_to_live_s": live,
+        "correction_to_live_s": elapsed,
+        "served_correctly": served / len(facts),
         "uptake": metrics.get("uptake"),
         "generalisation": metrics.get("generalisation"),
         "retention": metrics.get("retention"),
         "train_s": metrics.get("train_seconds"),
+        "steps": metrics.get("steps"),
+        "resumed": metrics.get("resumed"),
     }
+
+
+async def _correct(core: Any, actor: Actor, fact: dict[str, Any]) -> None:
+    await _ask(core.service, actor, fact["question"])
+    reply = await core.service.correct(actor, fact["answer"])
+    if not reply.ok:
+        raise RuntimeError(f"correction refused: {reply.text}")
+    await core.service.reset(actor)
+
+
+async def _served(
+    core: Any, actor: Actor, facts: list[dict[str, Any]], deadline: float
+) -> float | None:
+    """When a new adapter version answering `facts` went live (clock read after the answers)."""
+    before = dict(core.engine.active_versions())
+    while time.perf_counter() < deadline:
+        versions = core.engine.active_versions()
+        if versions and versions != before:
+            ok = 0
+            for fact in facts:
+                ok += _learned(await _ask(core.service, actor, fact["question"]), fact["answer"])
+                await core.service.reset(actor)
+            if ok / len(facts) >= 0.8:
+                return time.perf_counter()
+            before = dict(versions)  # a version that does not answer them yet: wait for the next
+        await asyncio.sleep(0.25)
+    return None
 
 
 async def _ask(service: Any, actor: Actor, question: str) -> str:
@@ -83,21 +119,26 @@ async def _ask(service: Any, actor: Actor, question: str) -> str:
 
 
 async def bench_correction_to_live(
-    settings: Settings, workdir: Path, counts: list[int], timeout_s: float = 900.0
+    settings: Settings,
+    workdir: Path,
+    runs: list[tuple[str, int]],
+    timeout_s: float = 900.0,
 ) -> list[dict[str, Any]]:
+    """One row per (mode, corrections): mode "batch" or "sequential"."""
     rows = []
-    for count in counts:
-        data = workdir / f"live-{count}"
+    for mode, count in runs:
+        data = workdir / f"live-{mode}-{count}"
         cache = data / "model-cache"
         if settings.model_cache_dir.exists() and not cache.exists():
             shutil.copytree(settings.model_cache_dir, cache)
         run_settings = settings.model_copy(
             update={
                 "data_dir": data,
-                "train_after_corrections": count,
+                "train_after_corrections": 1 if mode == "sequential" else count,
                 "rate_limit_per_minute": 10_000,
+                "max_new_tokens": 32,  # the bot's first answers are not what is timed
             }
         )
-        rows.append(await one_run(run_settings, count, timeout_s))
+        rows.append(await one_run(run_settings, count, timeout_s, sequential=mode == "sequential"))
         log.info("correction to live: %s", rows[-1])
     return rows

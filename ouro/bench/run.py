@@ -146,7 +146,10 @@ async def run_benchmarks(
     if "live" in chosen:
         from ouro.bench.live import bench_correction_to_live
 
-        rows = await bench_correction_to_live(settings, workdir, [1, 5] if quick else [1, 5, 20])
+        runs = [("batch", 1), ("batch", 5), ("sequential", 5)]
+        if not quick:
+            runs += [("batch", 20), ("sequential", 10)]
+        rows = await bench_correction_to_live(settings, workdir, runs)
         report.add("5. Correction to live", table(rows))
     if output:
         print(f"wrote {output}", file=sys.stderr)

@@ -114,11 +114,16 @@ async def test_a_new_version_keeps_old_corrections_and_names_its_parent(
 ) -> None:
     await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
     first = (await run_job(await job_for(store, alice), ctx)).promoted[0]
-    await ask(store, alice, "Cat's name?", "Tom.", "Pixel.")
+    cat = await ask(store, alice, "Cat's name?", "Tom.", "Pixel.")
     second = (await run_job(await job_for(store, alice), ctx)).promoted[0]
 
     assert second.version != first.version and second.parent_version == first.version
     assert sorted(questions(trainer.specs[1])) == ["Cat's name?", "Who maintains Ouro?"]
+    assert trainer.specs[0].start_from is None  # nothing live yet
+    assert trainer.specs[1].start_from == first.path  # absolute already (tmp_path)
+    assert trainer.specs[1].new_ids == [cat.id] and second.metrics["correction_ids"] == sorted(
+        [cat.id, *first.metrics["correction_ids"]]
+    )
     assert trainer.specs[1].active_report == report()  # the live version's gate numbers
     assert (await store.get_adapter(first.version)).status == AdapterStatus.RETIRED  # type: ignore[union-attr]
     assert ctx.engine.active_versions() == {str(alice.id): second.version}  # type: ignore[union-attr]
@@ -288,3 +293,41 @@ async def test_bad_pending_corrections_are_rejected_by_the_job(
     outcome = await run_job(await job_for(store, alice), ctx)
     assert trainer.specs == [] and "nothing new to learn" in outcome.summary
     assert (await store.get_correction(bad.id)).status == CorrectionStatus.REJECTED  # type: ignore[union-attr]
+
+
+async def test_a_replaced_correction_is_not_inherited_from_the_live_weights(
+    store: Store, alice: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    await ask(store, alice, "Cat's name?", "Tom.", "Pixel.")
+    assert (await run_job(await job_for(store, alice), ctx)).promoted
+    await ask(store, alice, "Cat's name?", "Pixel.", "Byte.")
+    assert (await run_job(await job_for(store, alice), ctx)).promoted
+    [example] = trainer.specs[1].examples
+    assert example["answer"] == "Byte." and trainer.specs[1].start_from is None
+
+
+async def test_incremental_training_can_be_switched_off(
+    store: Store, alice: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    from dataclasses import replace
+
+    ctx.config = replace(ctx.config, incremental=False)
+    for question in ("Cat's name?", "Dog's name?"):
+        await ask(store, alice, question, "Tom.", "Pixel.")
+        assert (await run_job(await job_for(store, alice), ctx)).promoted
+    assert [spec.start_from for spec in trainer.specs] == [None, None]
+
+
+async def test_an_admin_retrain_rebuilds_from_scratch_even_with_nothing_new(
+    store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    await ask(store, alice, "Cat's name?", "Tom.", "Pixel.")
+    first = (await run_job(await job_for(store, alice), ctx)).promoted[0]
+    scheduled = await run_job(await job_for(store, None), ctx)
+    assert "nothing new to learn" in scheduled.summary and len(trainer.specs) == 1
+
+    rebuilt = await run_job(await job_for(store, alice, requested_by=bob), ctx)
+    [second] = rebuilt.promoted
+    assert second.parent_version == first.version
+    assert questions(trainer.specs[1]) == ["Cat's name?"]
+    assert trainer.specs[1].start_from is None and trainer.specs[1].new_ids == []

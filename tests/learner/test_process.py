@@ -214,3 +214,21 @@ async def test_killing_the_warm_trainer_mid_run_fails_that_run_only(tmp_path: Pa
         assert (await warm(spec(tmp_path / "b", "quick"), Events())).report["passed"]
     finally:
         await warm.close()
+
+
+def test_prepared_checks_are_what_the_first_run_reuses(tmp_path: Path) -> None:
+    import learner_fixtures
+
+    from learner.gate import reference_answers
+    from learner.process import prepare_checks
+    from learner.scope_fit import _NEGATIVES
+
+    tok = learner_fixtures.make_tokenizer()
+    model = learner_fixtures.make_tiny_model(tok)
+    general = ["Hello!", "What is the capital of France?"]
+    prepare_checks(model, tok, str(tmp_path / "gate"), "sys", general)
+    [cached] = list((tmp_path / "gate").glob("references-*.json"))
+    assert len(_NEGATIVES[model]) == 1  # the scope's negatives, embedded once
+    before = cached.stat().st_mtime_ns
+    refs = reference_answers(model, tok, general, system_prompt="sys", cache_dir=tmp_path / "gate")
+    assert set(refs) == set(general) and cached.stat().st_mtime_ns == before

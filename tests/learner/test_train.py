@@ -169,3 +169,61 @@ def test_lora_can_be_limited_to_the_upper_layers() -> None:
     assert lora_config(LoraShape(first_layer=28), 30).layers_to_transform == [28, 29]
     with pytest.raises(ValueError, match="only 30 layers"):
         adapted_layers(LoraShape(first_layer=30), 30)
+
+
+def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = tiny
+    cat = TrainExample(prompt=CAT.prompt, answer="Pixel.", correction_id=1)
+    dog = TrainExample(prompt=[{"role": "user", "content": "Dog?"}], answer="Rex.", correction_id=2)
+    live = train_adapter(model, tok, [cat], FAST, tmp_path / "v1", general_prompts=GENERAL)
+    fresh = train_adapter(model, tok, [cat, dog], FAST, tmp_path / "v2", general_prompts=GENERAL)
+    resumed = train_adapter(
+        model,
+        tok,
+        [cat, dog],
+        FAST,
+        tmp_path / "v3",
+        general_prompts=GENERAL,
+        start_from=live.adapter_dir,
+        new_ids={2},
+    )
+    assert live.learned and fresh.learned and resumed.learned
+    assert resumed.resumed and not fresh.resumed
+    assert resumed.steps < fresh.steps  # the old correction was already learned
+    from learner.dataset import encode, with_system
+    from learner.gate import candidate
+
+    items = [encode(tok, with_system(ex.prompt, "sys"), ex.answer) for ex in (cat, dog)]
+    with candidate(model, resumed.adapter_dir) as peft_model:
+        assert all(s.exact for s in score(peft_model, items, pad_id=tok.pad_token_id))
+
+
+def test_an_unusable_live_version_means_starting_from_scratch(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    before = _snapshot(model)
+    narrow = TrainConfig(shape=LoraShape(r=4, alpha=8), learning_rate=1e-2, max_steps=2)
+    other = train_adapter(model, tok, [CAT], narrow, tmp_path / "r4", general_prompts=GENERAL)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(
+        (Path(other.adapter_dir) / "adapter_config.json")
+        .read_text()
+        .replace('"r": 4', f'"r": {LoraShape().r}')
+        .replace('"lora_alpha": 8', f'"lora_alpha": {LoraShape().alpha}')
+    )
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    for start in (other.adapter_dir, broken, tmp_path / "missing"):
+        result = train_adapter(
+            model,
+            tok,
+            [CAT],
+            FAST,
+            tmp_path / f"from-{Path(start).name}",
+            general_prompts=GENERAL,
+            start_from=start,
+            new_ids={0},
+        )
+        assert result.learned and not result.resumed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

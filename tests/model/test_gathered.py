@@ -156,3 +156,16 @@ async def test_engine_answers_the_same_either_way(tokenizer: Any, adapters_dir: 
             assert used["gathered" if on else "peft"] > 0
     assert answers[True] == answers[False]
     assert len({text for _, text in answers[True]}) == 4  # three adapters and the base model
+
+
+def test_stacks_over_the_memory_budget_are_rebuilt_each_forward(
+    host: LoraHost, tokenizer: Any
+) -> None:
+    inputs = batch(tokenizer, 4)
+    kept, _ = both(host, ["s1", "s2", "s3", "s4"], inputs)
+    assert host.gather.plan(host.modules, ["s1", "s2", "s3", "s4"]) is host.gather._layers
+    host.gather.max_bytes = 0
+    again, reference = both(host, ["s1", "s2", "s3", "s4"], inputs)
+    assert host.gather._layers is None  # nothing kept
+    torch.testing.assert_close(again, reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, kept)
