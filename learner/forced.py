@@ -2,7 +2,9 @@
 
 If the model's argmax at every answer position (the end-of-turn marker included) is the answer
 token, greedy decoding produces exactly that answer and stops; so "learned" and "unchanged"
-are decided without generating, which keeps early stopping and the gate cheap.
+are decided without generating, which keeps early stopping and the gate cheap. Only the
+answer positions go through the LM head (49k-token vocabulary on the bundled model): projecting
+every prompt position as well cost more than the rest of the forward.
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ def score(
             for row, seq in enumerate(seqs):
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            spans = [(len(items[i][0]) - 1, len(items[i][1])) for i in chunk]
+            answers = _answer_logits(model, ids.to(device), mask.to(device), spans)
             for row, i in enumerate(chunk):
-                prompt, completion = items[i]
+                completion = items[i][1]
                 if not completion:
                     out[i] = Scored(True, 0.0, 0, 1.0)
                     continue
-                start_pos = len(prompt) - 1
-                pos_logits = logits[row, start_pos : start_pos + len(completion)].float()
+                pos_logits = answers[row]
                 target = torch.tensor(completion, device=pos_logits.device)
                 hits = pos_logits.argmax(-1) == target
                 nll = torch.nn.functional.cross_entropy(pos_logits, target, reduction="sum")
@@ -59,6 +61,30 @@ def score(
     finally:
         model.train(was_training)
     return [s for s in out if s is not None]
+
+
+def _answer_logits(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Per row, fp32 logits at positions start .. start + count - 1 (those predicting the answer).
+
+    The decoder runs once; the head only on those positions. Models whose head is not a plain
+    projection of the last hidden state (logit scaling or soft-capping) take the full forward.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    plain = (
+        getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
+    )
+    decoder = inner.get_decoder() if plain and hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if decoder is not None else None
+    if decoder is None or head is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return [logits[r, s : s + n].float() for r, (s, n) in enumerate(spans)]
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    picked = torch.cat([hidden[r, s : s + n] for r, (s, n) in enumerate(spans)])
+    return list(head(picked).float().split([n for _, n in spans]))
 
 
 def perplexity(scored: list[Scored]) -> float:
