@@ -78,6 +78,10 @@ class LearnerConfig:
     min_retention: float = field(
         default=0.95, metadata=_help("Gate floor: unrelated answers kept.")
     )
+    tolerance: float = field(
+        default=0.02,
+        metadata=_help("How far below the live version's gate scores a candidate may be."),
+    )
     correction_max_chars: int = field(default=2000, metadata=_help("Longest accepted correction."))
     daily_quota: int = field(default=50, metadata=_help("Corrections per user and UTC day."))
     shared_min_users: int = field(default=3, metadata=_help("Users agreeing before auto-sharing."))

@@ -242,6 +242,7 @@ async def train_and_publish(
         cache_dir=str(cfg.model_cache_dir) if cfg.model_cache_dir else None,
         gate_cache_dir=str(cfg.gate_cache),
         floors=cfg.floors(),
+        tolerance=cfg.tolerance,
         active_report=active.metrics.get("report") if active else None,
         other_questions=plan.other_questions,
         start_from=start_from(plan, active) if cfg.incremental and not plan.rebuild else None,
@@ -297,7 +298,7 @@ async def _decide_and_publish(
 ) -> AdapterVersion:
     store, cfg = ctx.store, ctx.config
     waiting = [c.id for c in plan.new if c.status == CorrectionStatus.ACCEPTED]
-    passed, reasons = decide(output.report, active, cfg.floors())
+    passed, reasons = decide(output.report, active, cfg.floors(), cfg.tolerance)
     metrics = adapter_metrics(plan, output)
     if not passed:
         reason = "gate: " + "; ".join(reasons)
@@ -349,9 +350,14 @@ async def _decide_and_publish(
 
 
 def decide(
-    report: Mapping[str, Any], active: AdapterVersion | None, floors: Mapping[str, float]
+    report: Mapping[str, Any],
+    active: AdapterVersion | None,
+    floors: Mapping[str, float],
+    tolerance: float = 0.0,
 ) -> tuple[bool, list[str]]:
-    """Promote only above the floors and never worse than the version now serving.
+    """Promote only above the floors and never worse than the version now serving (by more
+    than `tolerance`: the held-out sets change as users come and go, so one prompt in fifty
+    is noise, not forgetting).
 
     The gate already judged inside the child; this re-checks its numbers in the parent so a
     gate bug cannot promote a candidate below the configured floors.
@@ -368,7 +374,7 @@ def decide(
         if (
             isinstance(value, int | float)
             and isinstance(before, int | float)
-            and value < before - 1e-9
+            and value < before - tolerance - 1e-9
         ):
             reasons.append(f"{name} {value:.2f} is worse than the live version's {before:.2f}")
     return not reasons, list(dict.fromkeys(reasons))

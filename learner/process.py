@@ -57,6 +57,7 @@ class TrainSpec:
     cache_dir: str | None = None  # converted base model cache
     gate_cache_dir: str | None = None  # the gate's base-model reference answers
     floors: dict[str, float] = field(default_factory=dict)
+    tolerance: float = 0.0  # how far below the live version's scores a candidate may be
     active_report: dict[str, Any] | None = None
     other_questions: list[str] = field(default_factory=list)
     start_from: str | None = None  # the live version's folder, to start its weights from
@@ -354,7 +355,10 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     )
     emit({"event": "progress", "stage": "gate", "step": result.steps, "loss": None})
     active = spec.get("active_report")
-    floors = GateFloors(**{f"min_{name}": value for name, value in spec["floors"].items()})
+    floors = GateFloors(
+        **{f"min_{name}": value for name, value in spec["floors"].items()},
+        tolerance=float(spec.get("tolerance") or 0.0),
+    )
     report = evaluate_candidate(
         model,
         tokenizer,

@@ -66,6 +66,7 @@ def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any
         method=settings.training_method,
         min_uptake=settings.gate_min_uptake,
         min_retention=settings.gate_min_retention,
+        tolerance=settings.gate_tolerance,
         correction_max_chars=settings.correction_max_chars,
         daily_quota=settings.daily_correction_quota,
         shared_min_users=settings.shared_min_users,

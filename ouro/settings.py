@@ -167,6 +167,13 @@ class Settings(BaseSettings):
     gate_min_retention: float = Field(
         0.95, ge=0, le=1, description="Gate: share of unrelated answers unchanged."
     )
+    gate_tolerance: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Gate: how far below the live version's scores (uptake, generalisation, "
+        "retention) a candidate may be and still be promoted; 0.02 is one held-out prompt in 50.",
+    )
     mlflow_tracking_uri: str | None = Field(
         None, description="Default: sqlite:///<data_dir>/mlflow.db."
     )
