@@ -79,7 +79,7 @@ class LearnerConfig:
         default=0.95, metadata=_help("Gate floor: unrelated answers kept.")
     )
     tolerance: float = field(
-        default=0.02,
+        default=0.03,
         metadata=_help("How far below the live version's gate scores a candidate may be."),
     )
     correction_max_chars: int = field(default=2000, metadata=_help("Longest accepted correction."))

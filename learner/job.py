@@ -356,7 +356,7 @@ def decide(
     tolerance: float = 0.0,
 ) -> tuple[bool, list[str]]:
     """Promote only above the floors and never worse than the version now serving (by more
-    than `tolerance`: the held-out sets change as users come and go, so one prompt in fifty
+    than `tolerance`: the held-out sets change as users come and go, so one prompt of the 48
     is noise, not forgetting).
 
     The gate already judged inside the child; this re-checks its numbers in the parent so a

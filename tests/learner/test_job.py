@@ -100,7 +100,7 @@ async def test_a_correction_is_trained_published_and_served(
     assert questions(spec) == ["Who maintains Ouro?"]
     assert spec.examples[0]["answer"] == "The Loop Collective."
     assert spec.floors == {"uptake": 0.8, "retention": 0.95} and spec.active_report is None
-    assert spec.tolerance == 0.02
+    assert spec.tolerance == 0.03
     assert "user #1: step 2/80 · loss 0.500" in outcome.job.log
     assert any("promoted" in line for line in ctx.lines)  # type: ignore[attr-defined]
     assert outcome.job.result["promoted"] == [live.version] and "promoted" in outcome.summary
@@ -345,7 +345,8 @@ def test_decide_tolerates_noise_below_the_live_version_only_as_configured() -> N
         AdapterStatus.ACTIVE,
         metrics={"report": report(retention=1.0)},
     )
-    assert not decide(report(retention=0.98), live, floors)[0]  # strict by default
-    assert decide(report(retention=0.98), live, floors, tolerance=0.02) == (True, [])
-    ok, why = decide(report(retention=0.97), live, floors, tolerance=0.02)
+    assert not decide(report(retention=47 / 48), live, floors)[0]  # strict by default
+    one_of_48 = 47 / 48
+    assert decide(report(retention=one_of_48), live, floors, tolerance=0.03) == (True, [])
+    ok, why = decide(report(retention=46 / 48), live, floors, tolerance=0.03)
     assert not ok and "worse than the live version's 1.00" in why[0]
