@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -207,6 +208,7 @@ class LearnerControl:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._prewarming: asyncio.Task[None] | None = None
+        self._lock_file: Any = None  # held while this process is the one that trains
         self._submit_lock = asyncio.Lock()
         self._counts: Counter[str] = Counter()
         self._last: dict[str, Any] = {}
@@ -218,7 +220,7 @@ class LearnerControl:
         self._stop.clear()
         if self.engine is not None:
             await pub.sync_engine(self.store, self.engine)
-        if self.config.in_process:
+        if self.config.in_process and self._take_training_lock():
             assert self.scheduler is not None
             await self.scheduler.start()
             worker = run_worker(
@@ -251,6 +253,49 @@ class LearnerControl:
         self._tasks.clear()
         if self.warm is not None:
             await self.warm.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
+
+    @property
+    def trains(self) -> bool:
+        """Whether this process runs the training jobs (it holds the data folder's lock)."""
+        return self._lock_file is not None
+
+    def _take_training_lock(self) -> bool:
+        """One process trains from a data folder: the first to lock `<data_dir>/learner.lock`.
+
+        Another `ouro run` or `ouro learner` on the same folder would otherwise claim jobs too,
+        and requeue, as stale, the job the first one is running. A process that does not get
+        the lock still queues jobs and serves the versions the trainer publishes.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: nothing to lock with
+            self._lock_file = open(os.devnull)
+            return True
+        path = self.config.data_dir / "learner.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            log.warning(
+                "another process (pid %s) trains from %s; this one queues jobs and serves the "
+                "versions it publishes",
+                holder,
+                self.config.data_dir,
+            )
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+        return True
 
     async def ready(self) -> None:
         """Wait until the trainer process started ahead of time has the base model loaded."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -177,3 +178,26 @@ async def test_notify_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixt
     control = LearnerControl(store, None, config(tmp_path, in_process=False))
     await control.notify_correction(1)  # the correction is stored; failing here must not surface
     assert "could not validate corrections of user 1" in caplog.text
+
+
+async def test_only_one_process_trains_from_a_data_folder(
+    store: Store, alice: User, tmp_path: Path
+) -> None:
+    first_engine, second_engine = FakeEngine(), FakeEngine()
+    cfg = config(tmp_path, sync_seconds=0.05)
+    trainer = FakeTrainer()
+    async with LearnerControl(store, first_engine, cfg, runner=trainer) as first:
+        async with LearnerControl(store, second_engine, cfg, runner=trainer) as second:
+            assert first.trains and not second.trains
+            lock = (tmp_path / "data" / "learner.lock").read_text()
+            assert lock == str(os.getpid())
+            await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
+            await second.notify_correction(alice.id)  # queued here, trained by the first
+            for _ in range(200):
+                if second_engine.active_versions():
+                    break
+                await asyncio.sleep(0.05)
+            assert second_engine.active_versions() == first_engine.active_versions() != {}
+            assert len(trainer.specs) == 1
+    async with LearnerControl(store, None, cfg, runner=trainer) as third:
+        assert third.trains  # released when the first closed
