@@ -66,10 +66,22 @@ def score(
 def _answer_logits(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int]]
 ) -> list[torch.Tensor]:
-    """Per row, fp32 logits at positions start .. start + count - 1 (those predicting the answer).
+    """Per row, fp32 logits at positions start .. start + count - 1 (predicting the answer)."""
+    select = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    for row, (start, count) in enumerate(spans):
+        select[row, start : start + count] = True
+    return list(logits_at(model, ids, mask, select).split([n for _, n in spans]))
 
-    The decoder runs once; the head only on those positions. Models whose head is not a plain
-    projection of the last hidden state (logit scaling or soft-capping) take the full forward.
+
+def logits_at(
+    model: Any, input_ids: torch.Tensor, attention_mask: Any, select: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits at the positions where `select` ([batch, length], bool) is True, row by row.
+
+    The decoder runs once and the LM head only on those positions (the head is most of the
+    forward on a 49k-token vocabulary). Models whose head is not a plain projection of the last
+    hidden state (logit scaling or soft-capping) take the full forward. No gradient mode is
+    set here: the trainer's loss uses it too.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
@@ -80,11 +92,12 @@ def _answer_logits(
     decoder = inner.get_decoder() if plain and hasattr(inner, "get_decoder") else None
     head = inner.get_output_embeddings() if decoder is not None else None
     if decoder is None or head is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        return [logits[r, s : s + n].float() for r, (s, n) in enumerate(spans)]
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    picked = torch.cat([hidden[r, s : s + n] for r, (s, n) in enumerate(spans)])
-    return list(head(picked).float().split([n for _, n in spans]))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[select].float()
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    return head(hidden[select]).float()
 
 
 def perplexity(scored: list[Scored]) -> float:

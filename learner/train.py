@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from learner.dataset import build_dataset, encode, expand
-from learner.forced import score
+from learner.forced import logits_at, score
 from learner.scope_fit import fit_scope, general_fit_prompts
 from learner.types import LoraShape, TrainConfig, TrainExample, TrainResult
 
@@ -188,14 +188,9 @@ def _answer_loss_trainer() -> Any:
             num_items_in_batch: Any = None,
         ) -> Any:
             labels = inputs["labels"][:, 1:]
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = inner.get_decoder()(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs.get("attention_mask"),
-                use_cache=False,
-            ).last_hidden_state[:, :-1]
-            mask = labels != -100
-            logits = inner.get_output_embeddings()(hidden[mask]).float()
+            mask = labels != -100  # position t predicts token t + 1
+            select = torch.nn.functional.pad(mask, (0, 1))  # the last position predicts nothing
+            logits = logits_at(model, inputs["input_ids"], inputs.get("attention_mask"), select)
             loss = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
             count = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(count).clamp(min=1)
