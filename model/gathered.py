@@ -6,9 +6,9 @@ handful of small operations per adapter per layer, so a decode step for 16 users
 costs about 16 times the kernel launches (and Python) of the same step on one adapter, and on a
 CPU those launches, not the arithmetic, are the step's time.
 
-Here, in every LoRA layer, the A and B weights of the adapters in the batch are stacked once per
-forward, lined up with the rows (an all-zero pair for rows without an adapter), and applied
-with two `bmm`s, however many adapters the batch holds:
+Here, in every LoRA layer, the A and B weights of the adapters in the batch are stacked, lined
+up with the rows (an all-zero pair for rows without an adapter), and applied with two `bmm`s,
+however many adapters the batch holds:
 
     delta[i] = x[i] @ A[slot(i)]^T @ B[slot(i)]^T * scaling[slot(i)]
 

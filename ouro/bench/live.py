@@ -63,10 +63,7 @@ async def one_run(
             stored_at = time.perf_counter()
         live = await _served(core, actor, last, stored_at + timeout_s)
         elapsed = live - stored_at if live is not None else None
-        served = 0
-        for fact in facts:  # untimed: everything learned so far is still answered
-            served += _learned(await _ask(core.service, actor, fact["question"]), fact["answer"])
-            await core.service.reset(actor)
+        served = await _answered(core, actor, facts)  # untimed: all of them still answered
         user = await core.store.find_user("console", "bench")
         active = await core.store.active_adapter("personal", user.id) if user else None
         metrics = active.metrics if active else {}
@@ -74,7 +71,7 @@ async def one_run(
         "mode": "sequential" if sequential else "batch",
         "corrections": count,
         "correction_to_live_s": elapsed,
-        "served_correctly": served / len(facts),
+        "served_correctly": served,
         "uptake": metrics.get("uptake"),
         "generalisation": metrics.get("generalisation"),
         "retention": metrics.get("retention"),
@@ -100,15 +97,20 @@ async def _served(
     while time.perf_counter() < deadline:
         versions = core.engine.active_versions()
         if versions and versions != before:
-            ok = 0
-            for fact in facts:
-                ok += _learned(await _ask(core.service, actor, fact["question"]), fact["answer"])
-                await core.service.reset(actor)
-            if ok / len(facts) >= 0.8:
+            if await _answered(core, actor, facts) >= 0.8:
                 return time.perf_counter()
             before = dict(versions)  # a version that does not answer them yet: wait for the next
         await asyncio.sleep(0.25)
     return None
+
+
+async def _answered(core: Any, actor: Actor, facts: list[dict[str, Any]]) -> float:
+    """Share of `facts` whose question, asked through the chat service, gets the right answer."""
+    ok = 0
+    for fact in facts:
+        ok += _learned(await _ask(core.service, actor, fact["question"]), fact["answer"])
+        await core.service.reset(actor)
+    return ok / len(facts)
 
 
 async def _ask(service: Any, actor: Actor, question: str) -> str:

@@ -70,6 +70,19 @@ async def job_for(store: Store, target: User | None, requested_by: User | None =
     return claimed
 
 
+def live_version(**scores: Any) -> AdapterVersion:
+    """A live personal version whose gate report has these scores."""
+    return AdapterVersion(
+        "v",
+        AdapterScope.PERSONAL,
+        1,
+        "/x",
+        None,
+        AdapterStatus.ACTIVE,
+        metrics={"report": report(**scores)},
+    )
+
+
 def visible(adapters_dir: Path) -> list[str]:
     return sorted(p.name for p in adapters_dir.iterdir()) if adapters_dir.exists() else []
 
@@ -172,15 +185,7 @@ async def test_decide_enforces_floors_and_never_worse_than_live() -> None:
     assert decide(report(), None, floors) == (True, [])
     ok, why = decide(report(uptake=0.5), None, floors)  # the gate said yes; the floor says no
     assert not ok and why == ["uptake 0.50 is below 0.80"]
-    live = AdapterVersion(
-        "v",
-        AdapterScope.PERSONAL,
-        1,
-        "/x",
-        None,
-        AdapterStatus.ACTIVE,
-        metrics={"report": report(retention=1.0)},
-    )
+    live = live_version(retention=1.0)
     ok, why = decide(report(retention=0.97), live, floors)
     assert not ok and "worse than the live version's 1.00" in why[0]
     ok, why = decide(report(passed=False, reasons=["scope too wide"]), None, floors)
@@ -336,15 +341,7 @@ async def test_an_admin_retrain_rebuilds_from_scratch_even_with_nothing_new(
 
 def test_decide_tolerates_noise_below_the_live_version_only_as_configured() -> None:
     floors = {"uptake": 0.8, "retention": 0.95}
-    live = AdapterVersion(
-        "v",
-        AdapterScope.PERSONAL,
-        1,
-        "/x",
-        None,
-        AdapterStatus.ACTIVE,
-        metrics={"report": report(retention=1.0)},
-    )
+    live = live_version(retention=1.0)
     assert not decide(report(retention=47 / 48), live, floors)[0]  # strict by default
     one_of_48 = 47 / 48
     assert decide(report(retention=one_of_48), live, floors, tolerance=0.03) == (True, [])
