@@ -26,10 +26,12 @@ from learner.process import DEFAULT_ENTRY, TrainRunner, WarmTrainer
 from learner.scheduler import LearnerScheduler, corrections_ready
 from learner.tracking import Tracker, owner_hash, tracking_key
 from learner.types import LoraShape, TrainConfig
-from learner.validate import Rules
+from learner.validate import Rules, shared_learnable
 from learner.worker import run_worker
 from model.interface import InferenceEngine
 from storage.models import (
+    AdapterScope,
+    AdapterStatus,
     AdapterVersion,
     CorrectionScope,
     JobStatus,
@@ -385,8 +387,19 @@ class LearnerControl:
         await asyncio.to_thread(pub.remove_folders, paths, self.config.adapters)
         if self.ctx.tracker is not None:
             await self.ctx.tracker.forget(owner_hash(user_id, self.ctx.tracking_key))
-        if shared:  # their corrections may live in the shared adapter: train it without them
-            await self.submit(None, None)
+        if not shared:
+            return
+        # Their corrections may live in the shared adapter, and in every personal adapter that
+        # learned it: the next job rebuilds those without them (see learner.job.plan_job).
+        left = shared_learnable(await self.store.list_corrections(), self.config.shared_min_users)
+        live = await self.store.active_adapter(AdapterScope.SHARED, None)
+        if live is not None and not left:  # nothing shared is left to learn: back to the base
+            await self.store.set_adapter_status(
+                live.version, AdapterStatus.RETIRED, reason="its corrections were forgotten"
+            )
+            if self.engine is not None:
+                await self.engine.deactivate(None)
+        await self.submit(None, None)
 
     async def notify_correction(self, user_id: int) -> None:
         """Validate the user's new correction now; queue training once enough are waiting."""

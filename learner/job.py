@@ -172,36 +172,42 @@ async def _update(store: Store, job_id: int, **changes: Any) -> None:
 async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list[Plan], list[str]]:
     """The adapters this job trains, personal ones first; plus notes on what it skipped.
 
-    A scheduled or automatic job trains only where there is something new. An admin's job
-    (`/retrain`) also rebuilds adapters with nothing new, from scratch.
+    A scheduled or automatic job trains only where there is something new, or where the live
+    version holds a correction that is gone (another user was forgotten, and with them a
+    shared correction this user's adapter had learned): that one is rebuilt from scratch, so
+    the forgotten words do not live on in its weights. An admin's job (`/retrain`) also
+    rebuilds adapters with nothing new, from scratch.
     """
-    rebuild = job.requested_by is not None
     everyone = await store.list_corrections()
     shared = shared_learnable(everyone, min_users)
+    learning = (CorrectionStatus.ACCEPTED, CorrectionStatus.TRAINED)
     if job.target_user_id is not None:
         owners = [job.target_user_id]
     else:
-        owners = sorted({c.user_id for c in everyone if c.status == CorrectionStatus.ACCEPTED})
+        owners = sorted({c.user_id for c in everyone if c.status in learning})
     plans: list[Plan] = []
     notes: list[str] = []
     for owner in owners:
         own = [c for c in everyone if c.user_id == owner]
-        current = newest_per_question(
-            c for c in own if c.status in (CorrectionStatus.ACCEPTED, CorrectionStatus.TRAINED)
-        )
+        current = newest_per_question(c for c in own if c.status in learning)
         new = [c for c in current if c.status == CorrectionStatus.ACCEPTED]
-        if not new and not (rebuild and current):
-            continue
-        if job.requested_by is None and await _already_refused(
-            store, AdapterScope.PERSONAL, owner, new
-        ):
-            notes.append(f"user #{owner}: waiting for new corrections (the last candidate failed)")
-            continue
         asked = {_question_key(c) for c in current}
         extra = [c for c in shared if _question_key(c) not in asked]
         examples = current + extra
+        live = await store.active_adapter(AdapterScope.PERSONAL, owner)
+        held = set(live.metrics.get("correction_ids", [])) if live else set()
+        stale = bool(held - {c.id for c in examples})
+        rebuild = job.requested_by is not None or stale
+        if not current or not (new or rebuild):
+            continue
+        if job.requested_by is None and await _already_refused(
+            store, AdapterScope.PERSONAL, owner, new or examples
+        ):
+            notes.append(f"user #{owner}: waiting for new corrections (the last candidate failed)")
+            continue
         others = unrelated_questions(everyone, owner, examples)
         plans.append(Plan(AdapterScope.PERSONAL, owner, examples, new, others, rebuild))
+    rebuild = job.requested_by is not None
     if job.target_user_id is None and shared:
         active = await store.active_adapter(AdapterScope.SHARED, None)
         learned = set(active.metrics.get("correction_ids", [])) if active else set()

@@ -309,7 +309,16 @@ async def run_bench(
     return await run_benchmarks(settings, which=which, output=output, quick=quick)
 
 
-async def run_eval(settings: Settings, *, counts: tuple[int, ...], output: str | None) -> int:
+async def run_eval(
+    settings: Settings,
+    *,
+    counts: tuple[int, ...],
+    output: str | None,
+    groups: int = 1,
+    sequential: bool = False,
+) -> int:
     from ouro.bench.editing import run_editing_eval
 
-    return await run_editing_eval(settings, counts=counts, output=output)
+    return await run_editing_eval(
+        settings, counts=counts, output=output, groups=groups, sequential=sequential
+    )

@@ -123,8 +123,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ouro.app import run_eval
 
-    counts = tuple(int(c) for c in args.counts.split(","))
-    return _run(lambda s: run_eval(s, counts=counts, output=args.output))
+    try:
+        counts = tuple(int(c) for c in args.counts.split(","))
+    except ValueError:
+        print(
+            f"ouro eval: --counts takes numbers separated by commas, got {args.counts!r}",
+            file=sys.stderr,
+        )
+        return 2
+    return _run(
+        lambda s: run_eval(
+            s, counts=counts, output=args.output, groups=args.groups, sequential=args.sequential
+        )
+    )
 
 
 def _add_user_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -202,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="knowledge-editing eval: reliability, generalisation, locality")
     p.add_argument("--counts", default="1,10", help="sequential correction counts, e.g. 1,10,100")
+    p.add_argument(
+        "--groups", type=int, default=1, help="repeat on this many disjoint sets of facts"
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one correction at a time, each version starting from the last (as in a chat)",
+    )
     p.add_argument("--output", "-o", help="also write the markdown table to this file")
     p.set_defaults(func=cmd_eval)
     return parser

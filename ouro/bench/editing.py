@@ -1,8 +1,7 @@
 """`ouro eval`: reliability, generalisation and locality after N corrections by one user.
 
-The learner retrains a user's adapter from all of their accepted corrections each time, so
-the adapter live after N sequential corrections is the one trained on those N: that is what
-is measured, in the WISE paper's columns (Rel., Gen., Loc.).
+In the WISE paper's columns (Rel., Gen., Loc.); see learner/evaluate.py for the two modes
+(from scratch, sequential) and the groups of facts.
 """
 
 from __future__ import annotations
@@ -16,7 +15,12 @@ from ouro.settings import Settings
 
 
 async def run_editing_eval(
-    settings: Settings, *, counts: tuple[int, ...], output: str | None
+    settings: Settings,
+    *,
+    counts: tuple[int, ...],
+    output: str | None,
+    groups: int = 1,
+    sequential: bool = False,
 ) -> int:
     import asyncio
 
@@ -28,6 +32,12 @@ async def run_editing_eval(
     most = len(question_set()["facts"])
     if not counts or any(not 1 <= c <= most for c in counts):
         print(f"ouro eval: counts must be between 1 and {most}", file=sys.stderr)
+        return 2
+    if groups < 1 or max(counts) * groups > most:
+        print(
+            f"ouro eval: {groups} group(s) of {max(counts)} facts do not fit the {most} shipped",
+            file=sys.stderr,
+        )
         return 2
     model, tokenizer, source = load_base_model(
         settings.model, device=settings.device, dtype="float32", cache_dir=settings.model_cache_dir
@@ -48,12 +58,14 @@ async def run_editing_eval(
         config=config,
         cache_dir=settings.data_dir / "gate-cache",
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        groups=groups,
+        sequential=sequential,
     )
+    flags = f"--counts {','.join(map(str, counts))}" + (f" --groups {groups}" if groups > 1 else "")
+    flags += " --sequential" if sequential else ""
     text = (
         f"# Knowledge-editing eval ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
-        f"Command: `ouro eval --counts {','.join(map(str, counts))}`; model {source.name}.\n\n"
-        + format_table(rows)
-        + "\n"
+        f"Command: `ouro eval {flags}`; model {source.name}.\n\n" + format_table(rows) + "\n"
     )
     print(text)
     if output:

@@ -131,6 +131,9 @@ async def test_forget_removes_adapters_rows_and_queues_a_shared_retrain(
         assert await store.list_adapters(owner_id=alice.id) == []
         [queued] = await store.list_jobs(status=JobStatus.QUEUED)
         assert queued.target_user_id is None
+        # the shared adapter learned only alice's correction: it stops serving at once
+        assert "shared" not in engine.active_versions()
+        assert await store.active_adapter(AdapterScope.SHARED, None) is None
 
 
 async def test_worker_mode_only_queues_and_follows_the_store(

@@ -347,3 +347,26 @@ def test_decide_tolerates_noise_below_the_live_version_only_as_configured() -> N
     assert decide(report(retention=one_of_48), live, floors, tolerance=0.03) == (True, [])
     ok, why = decide(report(retention=46 / 48), live, floors, tolerance=0.03)
     assert not ok and "worse than the live version's 1.00" in why[0]
+
+
+async def test_a_personal_adapter_holding_a_forgotten_users_correction_is_rebuilt(
+    store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    admin = await store.get_or_create_user("console", "root", "root", is_admin=True)
+    a = await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
+    await ask(store, bob, "Cat's name?", "Tom.", "Pixel.")
+    await store.set_correction_scope(a.id, CorrectionScope.SHARED_APPROVED, approved_by=admin.id)
+    await run_job(await job_for(store, None), ctx)
+    bobs = await store.active_adapter(AdapterScope.PERSONAL, bob.id)
+    assert bobs is not None and a.id in bobs.metrics["correction_ids"]
+
+    await store.forget_user(alice.id)
+    outcome = await run_job(await job_for(store, None), ctx)
+
+    [rebuilt] = [v for v in outcome.promoted if v.owner_id == bob.id]
+    assert rebuilt.metrics["correction_ids"] == [
+        c for c in bobs.metrics["correction_ids"] if c != a.id
+    ]
+    assert questions(trainer.specs[-1]) == ["Cat's name?"] and trainer.specs[-1].start_from is None
+    again = await run_job(await job_for(store, None), ctx)
+    assert not again.promoted and "nothing new to learn" in again.summary

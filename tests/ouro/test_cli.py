@@ -45,3 +45,18 @@ def test_unknown_subcommand_is_a_clear_error(capsys):
         build_parser().parse_args(["fly"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--counts", "1,ten"], "numbers separated by commas"),
+        (["eval", "--counts", "0"], "counts must be between 1 and"),
+        (["eval", "--counts", "100", "--groups", "2"], "do not fit the"),
+    ],
+)
+def test_eval_refuses_bad_counts_and_groups_before_loading_anything(argv, message, capsys):
+    from ouro.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
