@@ -461,6 +461,7 @@ def adapter_metrics(plan: Plan, output: TrainOutput) -> dict[str, Any]:
         "train_seconds": train.get("seconds"),
         "learned": train.get("learned"),
         "resumed": bool(train.get("resumed")),
+        "train_phases": dict(train.get("phases") or {}),
         "report": dict(report),
         "correction_ids": sorted(c.id for c in plan.examples),
         "new_ids": sorted(c.id for c in plan.new),
@@ -483,6 +484,8 @@ async def _track(
     metrics["process_seconds"] = float(train.get("process_seconds") or 0.0)
     metrics["gate_seconds"] = float(report.get("seconds") or 0.0)
     metrics["steps"] = float(train.get("steps") or 0)
+    for phase, seconds in (train.get("phases") or {}).items():
+        metrics[f"train_{phase}_seconds"] = float(seconds)
     metrics["promoted"] = 1.0 if decision == "promoted" else 0.0
     await ctx.tracker.finish_run(
         run_id,

@@ -103,6 +103,7 @@ class _Monitor:
         self.max_steps, self.check_every, self.progress = max_steps, check_every, progress
         self.losses: list[float] = []
         self.learned = False
+        self.check_seconds = 0.0
         self._last_check = -check_every
 
     def after_step(self, step: int, loss: float) -> bool:
@@ -113,8 +114,15 @@ class _Monitor:
         if loss > CHECK_BELOW_LOSS or step - self._last_check < self.check_every:
             return False
         self._last_check = step
-        self.learned = all(s.exact for s in score(self.model, self.probes, pad_id=self.pad_id))
+        self.learned = self.check()
         return self.learned
+
+    def check(self) -> bool:
+        started = time.monotonic()
+        try:
+            return all(s.exact for s in score(self.model, self.probes, pad_id=self.pad_id))
+        finally:
+            self.check_seconds += time.monotonic() - started
 
 
 def _callback(monitor: _Monitor) -> Any:
@@ -247,6 +255,7 @@ def train_adapter(
     ]
     negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
     scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives)
+    phases = {"scope": time.monotonic() - started}
 
     tmp = _prepare_out_dir(out)
     state = _model_state(model)
@@ -260,9 +269,12 @@ def train_adapter(
         monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, steps_per_epoch, progress)
         trainer = _trainer(peft_model, tokenizer, dataset, config, tmp / "trainer")
         trainer.add_callback(_callback(monitor))
+        phases["setup"] = time.monotonic() - started - phases["scope"]
         trainer.train()
         if not monitor.learned:  # ran out of steps: one last look at the final weights
-            monitor.learned = all(s.exact for s in score(peft_model, probes, pad_id=pad_id))
+            monitor.learned = monitor.check()
+        phases["checks"] = monitor.check_seconds
+        phases["steps"] = time.monotonic() - started - sum(phases.values())
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         scope.save(tmp)
@@ -272,6 +284,7 @@ def train_adapter(
         raise
     finally:
         _restore(peft_model, model, state)
+    phases["save"] = time.monotonic() - started - sum(phases.values())
     return TrainResult(
         adapter_dir=str(out),
         steps=len(monitor.losses),
@@ -280,6 +293,7 @@ def train_adapter(
         learned=monitor.learned,
         scope=scope_metrics,
         resumed=resumed,
+        phases={k: round(v, 3) for k, v in phases.items()},
     )
 
 

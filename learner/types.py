@@ -66,6 +66,9 @@ class TrainResult:
     learned: bool  # early-stop criterion met: every correction answered exactly (teacher-forced)
     scope: dict[str, float]  # threshold, recall, fpr, auc, layer (see learner.scope_fit)
     resumed: bool = False  # started from the live version's weights (see train_adapter)
+    # seconds per phase: scope (fit), setup (LoRA, data, trainer), steps (forward/backward),
+    # checks (early-stop exactness), save (write and publish the folder)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ class AdaptersMixin(Repository):
         """Retire the live version and restore its parent if still on record; returns the new one.
 
         Nothing live (and nothing changed) returns None; so does a live version whose parent
-        is gone, which leaves the owner on the base model.
+        is gone, or learned a correction that has since been deleted (its user forgotten, say):
+        that leaves the owner on the base model.
         """
         scope = ck.enum_value(AdapterScope, scope, "scope")
         owner_id = _owner(scope, owner_id)
@@ -175,7 +176,7 @@ class AdaptersMixin(Repository):
                 " AND status = 'retired'",
                 (live["parent_version"], scope.value, owner_id),
             )
-            if parent is None:
+            if parent is None or await _holds_deleted(tx, parent["metrics"]):
                 return None
             await tx.run(
                 "UPDATE adapters SET status = 'active', activated_at = ?, reason = ?"
@@ -183,6 +184,18 @@ class AdaptersMixin(Repository):
                 (ck.now(), f"restored by rolling back {live['version']}", parent["version"]),
             )
             return await _get(tx, parent["version"])
+
+
+async def _holds_deleted(tx: Tx, metrics: str) -> bool:
+    """Whether a version learned corrections that are no longer on record."""
+    ids = json.loads(metrics).get("correction_ids") or []
+    if not ids:
+        return False
+    row = await tx.row(
+        "SELECT count(*) AS n FROM corrections WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    )
+    return row is not None and int(row["n"]) < len(set(ids))
 
 
 def _owner(scope: AdapterScope, owner_id: object) -> int | None:

@@ -78,6 +78,9 @@ async def one_run(
         "train_s": metrics.get("train_seconds"),
         "steps": metrics.get("steps"),
         "resumed": metrics.get("resumed"),
+        "train_phases": " ".join(
+            f"{k} {v:.1f}" for k, v in (metrics.get("train_phases") or {}).items()
+        ),
     }
 
 

@@ -75,6 +75,9 @@ def test_stops_early_once_the_correction_is_answered_exactly(
     model, tok = tiny
     result = train_adapter(model, tok, [CAT], FAST, tmp_path / "v1", general_prompts=GENERAL)
     assert result.learned and result.steps < FAST.max_steps
+    assert set(result.phases) == {"scope", "setup", "steps", "checks", "save"}
+    assert all(v >= 0 for v in result.phases.values()) and result.phases["checks"] > 0
+    assert sum(result.phases.values()) == pytest.approx(result.seconds, abs=0.05)
 
     from learner.dataset import encode, with_system
     from learner.gate import candidate

@@ -197,3 +197,27 @@ async def test_rollback_without_a_parent_on_record(store: Store, alice: User, bo
     assert await store.rollback_adapter("personal", alice.id) is None
     bobs = await store.get_adapter("b-1")
     assert bobs is not None and bobs.status is AdapterStatus.REJECTED
+
+
+async def test_rollback_never_restores_a_version_holding_a_deleted_correction(
+    store: Store, alice: User, bob: User
+) -> None:
+    ctx = [{"role": "user", "content": "Who maintains Ouro?"}]
+    kept = await store.add_correction(alice.id, None, "No idea.", "The Loop Collective.", ctx)
+    gone = await store.add_correction(bob.id, None, "No idea.", "Mara.", ctx)
+    await store.add_adapter(shared("s-1", status="active", metrics={"correction_ids": [gone.id]}))
+    await store.add_adapter(
+        shared("s-2", parent="s-1", status="active", metrics={"correction_ids": [kept.id]})
+    )
+    await store.add_adapter(
+        personal("a-1", alice, status="active", metrics={"correction_ids": [kept.id]})
+    )
+    await store.add_adapter(personal("a-2", alice, parent="a-1", status="active"))
+
+    await store.forget_user(bob.id)
+
+    assert await store.rollback_adapter("shared", None) is None  # s-1 learned bob's words
+    parent = await store.get_adapter("s-1")
+    assert parent is not None and parent.status is AdapterStatus.RETIRED
+    restored = await store.rollback_adapter("personal", alice.id)  # a-1 holds nothing deleted
+    assert restored is not None and restored.version == "a-1"
