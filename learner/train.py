@@ -23,16 +23,19 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
 from learner.dataset import build_dataset, encode, expand
-from learner.forced import logits_at, score
+from learner.forced import first_miss, logits_at
 from learner.scope_fit import fit_scope, general_fit_prompts
 from learner.types import LoraShape, TrainConfig, TrainExample, TrainResult
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
+MIN_OLD_PER_STEP = 8  # a resumed run rehearses at least this many old phrasings per step
+RESUMED_CHECK_EVERY = 2  # steps between exactness checks once the loss is low (resumed runs)
 CHECK_BELOW_LOSS = 0.25  # only run the (costlier) exactness check once the loss is this low
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -119,10 +122,16 @@ class _Monitor:
 
     def check(self) -> bool:
         started = time.monotonic()
+        miss = None
         try:
-            return all(s.exact for s in score(self.model, self.probes, pad_id=self.pad_id))
+            miss = first_miss(self.model, self.probes, pad_id=self.pad_id)
+            if miss is not None:  # the next check starts with it
+                self.probes.insert(0, self.probes.pop(miss))
+            return miss is None
         finally:
-            self.check_seconds += time.monotonic() - started
+            took = time.monotonic() - started
+            self.check_seconds += took
+            log.debug("step %d: check took %.1f s, first miss %s", len(self.losses), took, miss)
 
 
 def _callback(monitor: _Monitor) -> Any:
@@ -140,7 +149,15 @@ def _callback(monitor: _Monitor) -> Any:
     return _Callback()
 
 
-def _trainer(peft_model: Any, tokenizer: Any, dataset: Any, config: TrainConfig, work: Path) -> Any:
+def _trainer(
+    peft_model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: TrainConfig,
+    work: Path,
+    batch_size: int,
+    in_order: bool = False,
+) -> Any:
     common: dict[str, Any] = {
         "output_dir": str(work),
         "max_steps": config.max_steps,
@@ -148,7 +165,8 @@ def _trainer(peft_model: Any, tokenizer: Any, dataset: Any, config: TrainConfig,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "weight_decay": 0.0,
-        "per_device_train_batch_size": min(BATCH_SIZE, len(dataset)),
+        "per_device_train_batch_size": batch_size,
+        "train_sampling_strategy": "sequential" if in_order else "random",
         "gradient_accumulation_steps": 1,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -248,9 +266,10 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    probes = [
+    newest_first = sorted(examples, key=lambda ex: not (new_ids and ex.correction_id in new_ids))
+    probes = [  # what the early-stop check scores: the likeliest misses first
         encode(tokenizer, p.messages, p.answer)
-        for ex in examples
+        for ex in newest_first
         for p in expand(ex, config.system_prompt)
     ]
     negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
@@ -263,11 +282,18 @@ def train_adapter(
     peft_model = _attach_lora(model, config.shape)
     try:
         resumed = start_from is not None and _resume(peft_model, Path(start_from))
-        mix = _weighted(examples, new_ids) if resumed else list(examples)
-        dataset = build_dataset([*mix, *replay], tokenizer, config.system_prompt, config.method)
-        steps_per_epoch = -(-len(dataset) // min(BATCH_SIZE, len(dataset)))
-        monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, steps_per_epoch, progress)
-        trainer = _trainer(peft_model, tokenizer, dataset, config, tmp / "trainer")
+        plan = _blocks(examples, replay, new_ids, tokenizer, config) if resumed else None
+        if plan is not None:  # each step: every new phrasing, and the next few old ones
+            dataset, batch, check_every = (*plan, RESUMED_CHECK_EVERY)
+        else:
+            mix = [*examples, *replay]
+            dataset = build_dataset(mix, tokenizer, config.system_prompt, config.method)
+            batch = min(BATCH_SIZE, len(dataset))
+            check_every = -(-len(dataset) // batch)  # once per epoch
+        monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, check_every, progress)
+        trainer = _trainer(
+            peft_model, tokenizer, dataset, config, tmp / "trainer", batch, plan is not None
+        )
         trainer.add_callback(_callback(monitor))
         phases["setup"] = time.monotonic() - started - phases["scope"]
         trainer.train()
@@ -297,15 +323,38 @@ def train_adapter(
     )
 
 
-def _weighted(examples: list[TrainExample], new_ids: Collection[int] | None) -> list[TrainExample]:
-    """Old corrections once, new ones repeated until they are about half of the data."""
-    if not new_ids:
-        return list(examples)
-    new = [ex for ex in examples if ex.correction_id in new_ids]
-    old = [ex for ex in examples if ex.correction_id not in new_ids]
-    if not new or not old:
-        return list(examples)
-    return old + new * max(1, round(len(old) / len(new)))
+def _blocks(
+    examples: list[TrainExample],
+    replay: Sequence[TrainExample],
+    new_ids: Collection[int] | None,
+    tokenizer: Any,
+    config: TrainConfig,
+) -> tuple[Any, int] | None:
+    """A resumed run's data, in the order it is trained: (dataset, batch size), or None when
+    random batches over everything serve as well (nothing new, nothing old, or too much new).
+
+    The live weights already answer the old corrections, so every step holds each phrasing of
+    the new corrections once, beside as many old phrasings (at least MIN_OLD_PER_STEP), taken
+    in turn from a shuffled list so an epoch rehearses each old one once. A step then costs
+    what its rows cost: 10 rows for one new correction of five phrasings, not 16.
+    """
+    new = [ex for ex in examples if new_ids and ex.correction_id in new_ids]
+    old = [ex for ex in examples if not new_ids or ex.correction_id not in new_ids]
+    if not new or not (old or replay):
+        return None
+    system, method = config.system_prompt, config.method
+    fresh = build_dataset(new, tokenizer, system, method)
+    known = build_dataset([*old, *replay], tokenizer, system, method)
+    per_step = max(len(fresh), MIN_OLD_PER_STEP)
+    if len(fresh) + per_step > BATCH_SIZE:
+        return None
+    rotation = torch.randperm(len(known), generator=torch.Generator().manual_seed(config.seed))
+    order: list[int] = []
+    for start in range(0, len(known), per_step):
+        order += list(range(len(known), len(known) + len(fresh)))  # the new rows, every step
+        order += rotation[start : start + per_step].tolist()
+    data = datasets.concatenate_datasets([known, fresh]).select(order)
+    return data, len(fresh) + min(per_step, len(known))
 
 
 def _resume(peft_model: Any, folder: Path) -> bool:

@@ -78,7 +78,7 @@ def llama_cpp_generate(gguf: Path, tokens: int) -> Timed | None:
         return None
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_threads=os.cpu_count() or 1, n_ctx=1024, verbose=False)
+    llm: Any = Llama(model_path=str(gguf), n_threads=os.cpu_count() or 1, n_ctx=1024, verbose=False)
     messages = [{"role": "user", "content": PROMPTS[0]}]
     llm.create_chat_completion(messages=messages, max_tokens=4, temperature=0.0)
     start = time.perf_counter()

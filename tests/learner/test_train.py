@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner.dataset import question_set
+from learner.dataset import build_dataset, question_set
 from learner.forced import score
 from learner.gate import evaluate_candidate
 from learner.train import train_adapter
@@ -199,6 +199,32 @@ def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path:
     items = [encode(tok, with_system(ex.prompt, "sys"), ex.answer) for ex in (cat, dog)]
     with candidate(model, resumed.adapter_dir) as peft_model:
         assert all(s.exact for s in score(peft_model, items, pad_id=tok.pad_token_id))
+
+
+def test_a_resumed_run_sees_every_new_phrasing_each_step_and_each_old_one_per_epoch(
+    tiny: tuple[Any, Any],
+) -> None:
+    from learner.train import MIN_OLD_PER_STEP, _blocks
+
+    _, tok = tiny
+    old = [
+        TrainExample(prompt=[{"role": "user", "content": f"Q{i}?"}], answer="A.", correction_id=i)
+        for i in range(4)
+    ]
+    new = TrainExample(prompt=[{"role": "user", "content": "New?"}], answer="N.", correction_id=9)
+    plan = _blocks([*old, new], [], {9}, tok, FAST)
+    assert plan is not None
+    data, batch = plan
+    rows = [tuple(r) for r in data["input_ids"]]
+    fresh = {tuple(r) for r in build_dataset([new], tok, FAST.system_prompt)["input_ids"]}
+    known = [tuple(r) for r in build_dataset(old, tok, FAST.system_prompt)["input_ids"]]
+    assert batch == len(fresh) + MIN_OLD_PER_STEP  # the last step may hold fewer old ones
+    steps = [rows[i : i + batch] for i in range(0, len(rows), batch)]
+    assert all(fresh <= set(step) for step in steps)
+    rehearsed = [r for step in steps for r in step if r not in fresh]
+    assert sorted(rehearsed) == sorted(known)  # each old phrasing once per epoch
+    assert _blocks([*old, new], [], set(), tok, FAST) is None  # nothing new: random batches
+    assert _blocks([new], [], {9}, tok, FAST) is None  # nothing old either
 
 
 def test_an_unusable_live_version_means_starting_from_scratch(
