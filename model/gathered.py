@@ -12,9 +12,6 @@ however many adapters the batch holds:
 
     delta[i] = x[i] @ A[slot(i)]^T @ B[slot(i)]^T * scaling[slot(i)]
 
-The stacks hold A^T and scaling * B^T, contiguous: `bmm` over transposed views of the peft
-weights took 1.3-1.6x as long in a micro-benchmark on 2 CPU cores.
-
 A decode step repeats its batch's adapter set until a row joins or leaves, so the stacks are
 kept for the next step: copying 16 adapters' weights every step costs as much as the bmms and
 more than everything else LoRA adds. They are a copy of those adapters' LoRA weights, held
@@ -45,12 +42,13 @@ class _Layer:
     """One LoRA layer's weights for one batch's distinct adapters, in first-appearance order,
     then an all-zero pair for rows without an adapter."""
 
-    a: torch.Tensor  # [distinct + 1, in, r]: A transposed, contiguous
-    b: torch.Tensor  # [distinct + 1, r, out]: B transposed and scaled, contiguous
+    a: torch.Tensor  # [distinct + 1, r, in]
+    b: torch.Tensor  # [distinct + 1, out, r]
+    scale: torch.Tensor  # [distinct + 1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b))
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scale))
 
 
 class Gather:
@@ -137,15 +135,17 @@ def _layers(modules: list[Any], distinct: tuple[str, ...]) -> list[tuple[Any, _L
         ):
             return None
         some = present[0]
-        a0, b0 = module.lora_A[some].weight, module.lora_B[some].weight  # [r, in], [out, r]
-        a = torch.zeros((len(distinct) + 1, *a0.T.shape), dtype=a0.dtype, device=a0.device)
-        b = torch.zeros((len(distinct) + 1, *b0.T.shape), dtype=b0.dtype, device=b0.device)
+        a0, b0 = module.lora_A[some].weight, module.lora_B[some].weight
+        a = torch.zeros((len(distinct) + 1, *a0.shape), dtype=a0.dtype, device=a0.device)
+        b = torch.zeros((len(distinct) + 1, *b0.shape), dtype=b0.dtype, device=b0.device)
+        scale = torch.zeros(len(distinct) + 1, dtype=a0.dtype, device=a0.device)
         with torch.no_grad():
             for i, name in enumerate(distinct):
                 if name in present:
-                    a[i].copy_(module.lora_A[name].weight.T)
-                    b[i].copy_(module.lora_B[name].weight.T * float(module.scaling[name]))
-        layers.append((module, _Layer(a, b)))
+                    a[i].copy_(module.lora_A[name].weight)
+                    b[i].copy_(module.lora_B[name].weight)
+                    scale[i] = float(module.scaling[name])
+        layers.append((module, _Layer(a, b, scale)))
     return layers
 
 
@@ -161,10 +161,16 @@ def _add_delta(
 ) -> torch.Tensor:
     x = args[0].to(layer.a.dtype)
     if single:
-        return output + ((x @ layer.a[0]) @ layer.b[0]).to(output.dtype)
+        delta = (x @ layer.a[0].T) @ layer.b[0].T * layer.scale[0]
+        return output + delta.to(output.dtype)
     if x.dim() < 2 or x.shape[0] != batch:  # rows must stay rows: [batch, ..., features]
         raise RuntimeError(f"gathered LoRA got input {tuple(x.shape)} for {batch} rows")
-    a, b = (layer.a[rows], layer.b[rows]) if rows is not None else (layer.a, layer.b)
+    a, b, scale = layer.a, layer.b, layer.scale
+    if rows is not None:
+        a, b, scale = a[rows], b[rows], scale[rows]
+    else:
+        a, b, scale = a[:batch], b[:batch], scale[:batch]
     flat = x.reshape(batch, -1, x.shape[-1])
-    delta = torch.bmm(torch.bmm(flat, a[:batch]), b[:batch])
+    delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+    delta = delta * scale.view(batch, 1, 1)
     return output + delta.reshape(output.shape).to(output.dtype)
