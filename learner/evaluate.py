@@ -47,6 +47,23 @@ def fact_examples(count: int, start: int = 0) -> tuple[list[TrainExample], list[
     return train, held
 
 
+def check_counts(counts: Sequence[int], groups: int) -> list[int]:
+    """The counts, sorted and deduplicated; ValueError when the shipped facts cannot hold
+    `groups` disjoint sets of the largest."""
+    available = len(question_set()["facts"])
+    ordered = sorted(set(counts))
+    if not ordered or ordered[0] < 1 or ordered[-1] > available:
+        raise ValueError(f"counts must be between 1 and {available}")
+    if groups < 1:
+        raise ValueError("groups must be at least 1")
+    if ordered[-1] * groups > available:
+        raise ValueError(
+            f"{groups} group(s) of {ordered[-1]} corrections need {ordered[-1] * groups} facts, "
+            f"which do not fit the {available} shipped"
+        )
+    return ordered
+
+
 def run_eval(
     model: Any,
     tokenizer: Any,
@@ -64,17 +81,7 @@ def run_eval(
     Raises ValueError when the question set has too few facts for `groups` × max(counts).
     """
     config = config or TrainConfig()
-    counts = sorted(set(counts))
-    if not counts or counts[0] < 1:
-        raise ValueError("counts must be positive")
-    if groups < 1:
-        raise ValueError("groups must be at least 1")
-    available = len(question_set()["facts"])
-    if counts[-1] * groups > available:
-        raise ValueError(
-            f"{groups} group(s) of {counts[-1]} corrections need {counts[-1] * groups} facts; "
-            f"the question set has {available}"
-        )
+    counts = check_counts(counts, groups)
     work = Path(work_dir)
     cache = Path(cache_dir) if cache_dir is not None else work / "cache"
     stamp = time.strftime("%Y%m%d-%H%M%S")

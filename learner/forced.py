@@ -9,7 +9,6 @@ every prompt position as well cost more than the rest of the forward.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -121,12 +120,10 @@ def logits_at(
     # of each row on top of their keys and values. Same attention, a fraction of the work;
     # gradients flow back through the shared part as through the repeated one.
     first = decoder(input_ids=input_ids[:1, :shared], use_cache=True)
-    past = first.cache if "cache" in first else first.past_key_values  # renamed in 5.x
+    name = "cache" if "cache" in first else "past_key_values"  # renamed in 5.x, in and out
+    past = first[name]
     past.batch_repeat_interleave(input_ids.shape[0])
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    name = (
-        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    )
     hidden = decoder(
         input_ids=input_ids[:, shared:], attention_mask=mask, use_cache=True, **{name: past}
     ).last_hidden_state

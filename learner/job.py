@@ -178,6 +178,7 @@ async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list
     the forgotten words do not live on in its weights. An admin's job (`/retrain`) also
     rebuilds adapters with nothing new, from scratch.
     """
+    admin = job.requested_by is not None
     everyone = await store.list_corrections()
     shared = shared_learnable(everyone, min_users)
     learning = (CorrectionStatus.ACCEPTED, CorrectionStatus.TRAINED)
@@ -197,30 +198,27 @@ async def plan_job(store: Store, job: TrainingJob, min_users: int) -> tuple[list
         live = await store.active_adapter(AdapterScope.PERSONAL, owner)
         held = set(live.metrics.get("correction_ids", [])) if live else set()
         stale = bool(held - {c.id for c in examples})
-        rebuild = job.requested_by is not None or stale
+        rebuild = admin or stale
         if not current or not (new or rebuild):
             continue
-        if job.requested_by is None and await _already_refused(
+        if not admin and await _already_refused(
             store, AdapterScope.PERSONAL, owner, new or examples
         ):
             notes.append(f"user #{owner}: waiting for new corrections (the last candidate failed)")
             continue
         others = unrelated_questions(everyone, owner, examples)
         plans.append(Plan(AdapterScope.PERSONAL, owner, examples, new, others, rebuild))
-    rebuild = job.requested_by is not None
     if job.target_user_id is None and shared:
         active = await store.active_adapter(AdapterScope.SHARED, None)
         learned = set(active.metrics.get("correction_ids", [])) if active else set()
-        if {c.id for c in shared} != learned or rebuild:
+        if {c.id for c in shared} != learned or admin:
             new = [c for c in shared if c.id not in learned] or shared
-            if job.requested_by is None and await _already_refused(
-                store, AdapterScope.SHARED, None, shared
-            ):
+            if not admin and await _already_refused(store, AdapterScope.SHARED, None, shared):
                 notes.append(
                     "shared adapter: waiting for new corrections (the last candidate failed)"
                 )
             else:
-                plans.append(Plan(AdapterScope.SHARED, None, shared, new, rebuild=rebuild))
+                plans.append(Plan(AdapterScope.SHARED, None, shared, new, rebuild=admin))
     return plans, notes
 
 

@@ -266,7 +266,7 @@ def train_adapter(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    newest_first = sorted(examples, key=lambda ex: not (new_ids and ex.correction_id in new_ids))
+    newest_first = sorted(examples, key=lambda ex: not _is_new(ex, new_ids))
     probes = [  # what the early-stop check scores: the likeliest misses first
         encode(tokenizer, p.messages, p.answer)
         for ex in newest_first
@@ -323,6 +323,11 @@ def train_adapter(
     )
 
 
+def _is_new(example: TrainExample, new_ids: Collection[int] | None) -> bool:
+    """Whether the live version does not hold this correction yet."""
+    return new_ids is not None and example.correction_id in new_ids
+
+
 def _blocks(
     examples: list[TrainExample],
     replay: Sequence[TrainExample],
@@ -338,8 +343,8 @@ def _blocks(
     in turn from a shuffled list so an epoch rehearses each old one once. A step then costs
     what its rows cost: 10 rows for one new correction of five phrasings, not 16.
     """
-    new = [ex for ex in examples if new_ids and ex.correction_id in new_ids]
-    old = [ex for ex in examples if not new_ids or ex.correction_id not in new_ids]
+    new = [ex for ex in examples if _is_new(ex, new_ids)]
+    old = [ex for ex in examples if not _is_new(ex, new_ids)]
     if not new or not (old or replay):
         return None
     system, method = config.system_prompt, config.method

@@ -24,20 +24,14 @@ async def run_editing_eval(
 ) -> int:
     import asyncio
 
-    from learner.dataset import question_set
-    from learner.evaluate import format_table, run_eval
+    from learner.evaluate import check_counts, format_table, run_eval
     from learner.types import LoraShape, TrainConfig
     from model.loading import load_base_model
 
-    most = len(question_set()["facts"])
-    if not counts or any(not 1 <= c <= most for c in counts):
-        print(f"ouro eval: counts must be between 1 and {most}", file=sys.stderr)
-        return 2
-    if groups < 1 or max(counts) * groups > most:
-        print(
-            f"ouro eval: {groups} group(s) of {max(counts)} facts do not fit the {most} shipped",
-            file=sys.stderr,
-        )
+    try:  # before loading the model
+        check_counts(counts, groups)
+    except ValueError as exc:
+        print(f"ouro eval: {exc}", file=sys.stderr)
         return 2
     model, tokenizer, source = load_base_model(
         settings.model, device=settings.device, dtype="float32", cache_dir=settings.model_cache_dir

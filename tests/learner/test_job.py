@@ -223,13 +223,19 @@ async def test_an_adapter_the_engine_cannot_load_is_not_activated(
     assert await store.active_adapters() == []
 
 
-async def test_everyone_job_trains_each_user_then_the_shared_adapter(
-    store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
-) -> None:
+async def alice_shares_bob_keeps_his_own(store: Store, alice: User, bob: User) -> Any:
+    """Alice's correction, approved for everyone by an admin; Bob's own one. Returns Alice's."""
     admin = await store.get_or_create_user("console", "root", "root", is_admin=True)
     a = await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
     await ask(store, bob, "Cat's name?", "Tom.", "Pixel.")
     await store.set_correction_scope(a.id, CorrectionScope.SHARED_APPROVED, approved_by=admin.id)
+    return a
+
+
+async def test_everyone_job_trains_each_user_then_the_shared_adapter(
+    store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    a = await alice_shares_bob_keeps_his_own(store, alice, bob)
 
     outcome = await run_job(await job_for(store, None), ctx)
 
@@ -352,10 +358,7 @@ def test_decide_tolerates_noise_below_the_live_version_only_as_configured() -> N
 async def test_a_personal_adapter_holding_a_forgotten_users_correction_is_rebuilt(
     store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
 ) -> None:
-    admin = await store.get_or_create_user("console", "root", "root", is_admin=True)
-    a = await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
-    await ask(store, bob, "Cat's name?", "Tom.", "Pixel.")
-    await store.set_correction_scope(a.id, CorrectionScope.SHARED_APPROVED, approved_by=admin.id)
+    a = await alice_shares_bob_keeps_his_own(store, alice, bob)
     await run_job(await job_for(store, None), ctx)
     bobs = await store.active_adapter(AdapterScope.PERSONAL, bob.id)
     assert bobs is not None and a.id in bobs.metrics["correction_ids"]
