@@ -109,6 +109,10 @@ class LearnerConfig:
         default=True,
         metadata=_help("Start a new version from the live one's weights when it allows."),
     )
+    notes: bool = field(
+        default=True,
+        metadata=_help("Train and serve each correction with its note (model.scope)."),
+    )
     poll_seconds: float = field(default=5.0, metadata=_help("Job queue poll interval."))
     sync_seconds: float = field(
         default=5.0, metadata=_help("Engine/store sync interval (worker mode).")
@@ -160,6 +164,7 @@ class LearnerConfig:
             method=method,
             system_prompt=self.system_prompt,
             seed=self.seed,
+            notes=self.notes,
         )
         return asdict(config)
 

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 
 from learner.types import TrainExample
+from model.scope import fact_note, with_note
 
 # Cheap surface variants of a question; real paraphrases come from the stored rewordings.
 TEMPLATES: tuple[str, ...] = ("Tell me: {q}", "{q} Answer briefly.")
@@ -52,16 +53,31 @@ def phrasings(example: TrainExample, *, templates: bool = True) -> list[str]:
     return [p for p in dict.fromkeys(s.strip() for s in out) if p]
 
 
-def expand(example: TrainExample, system_prompt: str, *, templates: bool = True) -> list[Pair]:
-    """Every prompt that must produce the answer: the conversation, then single-turn phrasings."""
+def note_of(example: TrainExample) -> str:
+    """The note this correction is trained and served with (see model.scope)."""
+    return fact_note(example.question, example.answer)
+
+
+def expand(
+    example: TrainExample, system_prompt: str, *, templates: bool = True, notes: bool = False
+) -> list[Pair]:
+    """Every prompt that must produce the answer: the conversation, then single-turn phrasings.
+
+    `notes`: each prompt also carries the correction's note, as the engine serves it.
+    """
     validate_example(example)
-    pairs = [Pair(with_system(example.prompt, system_prompt), example.answer, example.rejected)]
+
+    def system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        framed = with_system(messages, system_prompt)
+        return with_note(framed, note_of(example)) if notes else framed
+
+    pairs = [Pair(system(example.prompt), example.answer, example.rejected)]
     seen = {example.question.strip()} if len(example.prompt) == 1 else set()
     for text in phrasings(example, templates=templates):
         if text in seen:
             continue
         seen.add(text)
-        messages = with_system([{"role": "user", "content": text}], system_prompt)
+        messages = system([{"role": "user", "content": text}])
         pairs.append(Pair(messages, example.answer, example.rejected))
     return pairs
 
@@ -105,6 +121,7 @@ def build_dataset(
     method: str = "sft",
     *,
     templates: bool = True,
+    notes: bool = False,
 ) -> datasets.Dataset:
     """SFT: pre-tokenised `input_ids` + `completion_mask` (TRL's completion-only loss).
 
@@ -113,7 +130,9 @@ def build_dataset(
     """
     if not examples:
         raise ValueError("no corrections to build a dataset from")
-    pairs = [p for ex in examples for p in expand(ex, system_prompt, templates=templates)]
+    pairs = [
+        p for ex in examples for p in expand(ex, system_prompt, templates=templates, notes=notes)
+    ]
     if method == "sft":
         rows: dict[str, list[Any]] = {"input_ids": [], "completion_mask": []}
         for pair in pairs:

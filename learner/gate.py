@@ -25,7 +25,7 @@ import torch
 from learner.dataset import encode, question_set, with_system
 from learner.forced import Scored, perplexity, score
 from learner.types import GateReport, TrainExample
-from model.scope import Scope, embed_questions
+from model.scope import Scope, embed_questions, with_note
 
 REFERENCE_TOKENS = 32  # base answers are compared on their first 32 tokens
 
@@ -48,9 +48,31 @@ def general_prompts() -> list[str]:
 
 def route(model: Any, tokenizer: Any, scope: Scope, questions: Sequence[str]) -> torch.Tensor:
     """The engine's rule: which questions the adapter is applied to -> bool [len(questions)]."""
+    return torch.tensor(routes(model, tokenizer, scope, questions)[0], dtype=torch.bool)
+
+
+def routes(
+    model: Any, tokenizer: Any, scope: Scope, questions: Sequence[str]
+) -> tuple[list[bool], list[str | None]]:
+    """(inside, note) per question, as the engine routes them: the note of the nearest key
+    for questions inside a scope that has notes, else None."""
     if not questions:
-        return torch.zeros(0, dtype=torch.bool)
-    return scope.contains(embed_questions(model, tokenizer, list(questions), layer=scope.layer))
+        return [], []
+    inside, nearest = scope.nearest(
+        embed_questions(model, tokenizer, list(questions), layer=scope.layer)
+    )
+    flags = [bool(x) for x in inside.tolist()]
+    nearest_keys = nearest.tolist()
+    notes = [scope.note(j) if ok else None for ok, j in zip(flags, nearest_keys, strict=True)]
+    return flags, notes
+
+
+def framed(
+    messages: list[dict[str, str]], system_prompt: str, note: str | None
+) -> list[dict[str, str]]:
+    """The prompt as the engine sends it: system prompt, and the note when routed to one."""
+    messages = with_system(messages, system_prompt)
+    return with_note(messages, note) if note else messages
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -134,8 +156,10 @@ def reference_answers(
     return {p: cached[p] for p in prompts}
 
 
-def _prompt_ids(tokenizer: Any, question: str, system_prompt: str) -> list[int]:
-    messages = with_system([{"role": "user", "content": question}], system_prompt)
+def _prompt_ids(
+    tokenizer: Any, question: str, system_prompt: str, note: str | None = None
+) -> list[int]:
+    messages = framed([{"role": "user", "content": question}], system_prompt, note)
     ids = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(ids, add_special_tokens=False)["input_ids"])
 
@@ -216,23 +240,27 @@ def evaluate_candidate(
         model, tokenizer, held_out, system_prompt=system_prompt, cache_dir=cache_dir
     )
 
-    originals = [
-        encode(tokenizer, with_system(ex.prompt, system_prompt), ex.answer) for ex in examples
-    ]
     rewordings = [(r, ex.answer) for ex in examples for r in ex.rewordings]
-    reworded = [
-        encode(tokenizer, with_system([{"role": "user", "content": r}], system_prompt), a)
-        for r, a in rewordings
-    ]
-    retained_items = [(_prompt_ids(tokenizer, p, system_prompt), refs[p]["ids"]) for p in held_out]
     questions = [ex.question for ex in examples] + [r for r, _ in rewordings] + held_out
-    inside = route(model, tokenizer, scope, questions).tolist()
-    n_orig, n_rew = len(originals), len(reworded)
+    inside, notes = routes(model, tokenizer, scope, questions)
+    n_orig, n_rew = len(examples), len(rewordings)
     in_orig, in_rew, in_held = (
         inside[:n_orig],
         inside[n_orig : n_orig + n_rew],
         inside[n_orig + n_rew :],
     )
+    originals = [
+        encode(tokenizer, framed(ex.prompt, system_prompt, note), ex.answer)
+        for ex, note in zip(examples, notes[:n_orig], strict=True)
+    ]
+    reworded = [
+        encode(tokenizer, framed([{"role": "user", "content": r}], system_prompt, note), a)
+        for (r, a), note in zip(rewordings, notes[n_orig : n_orig + n_rew], strict=True)
+    ]
+    retained_items = [
+        (_prompt_ids(tokenizer, p, system_prompt, note), refs[p]["ids"])
+        for p, note in zip(held_out, notes[n_orig + n_rew :], strict=True)
+    ]
 
     with candidate(model, candidate_dir) as peft_model:
         up = routed_scores(peft_model, originals, in_orig, pad)

@@ -270,10 +270,10 @@ def train_adapter(
     probes = [  # what the early-stop check scores: the likeliest misses first
         encode(tokenizer, p.messages, p.answer)
         for ex in newest_first
-        for p in expand(ex, config.system_prompt)
+        for p in expand(ex, config.system_prompt, notes=config.notes)
     ]
     negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
-    scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives)
+    scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives, notes=config.notes)
     phases = {"scope": time.monotonic() - started}
 
     tmp = _prepare_out_dir(out)
@@ -286,8 +286,7 @@ def train_adapter(
         if plan is not None:  # each step: every new phrasing, and the next few old ones
             dataset, batch, check_every = (*plan, RESUMED_CHECK_EVERY)
         else:
-            mix = [*examples, *replay]
-            dataset = build_dataset(mix, tokenizer, config.system_prompt, config.method)
+            dataset = _dataset(examples, replay, tokenizer, config)
             batch = min(BATCH_SIZE, len(dataset))
             check_every = -(-len(dataset) // batch)  # once per epoch
         monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, check_every, progress)
@@ -328,6 +327,26 @@ def _is_new(example: TrainExample, new_ids: Collection[int] | None) -> bool:
     return new_ids is not None and example.correction_id in new_ids
 
 
+def _dataset(
+    examples: Sequence[TrainExample],
+    replay: Sequence[TrainExample],
+    tokenizer: Any,
+    config: TrainConfig,
+) -> Any:
+    """Corrections (with their notes, when configured) and replay (never with a note: the
+    scope holds no key for it, so no note of its own is ever served beside it)."""
+    parts = []
+    if examples:
+        parts.append(
+            build_dataset(
+                list(examples), tokenizer, config.system_prompt, config.method, notes=config.notes
+            )
+        )
+    if replay:
+        parts.append(build_dataset(list(replay), tokenizer, config.system_prompt, config.method))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def _blocks(
     examples: list[TrainExample],
     replay: Sequence[TrainExample],
@@ -347,9 +366,8 @@ def _blocks(
     old = [ex for ex in examples if not _is_new(ex, new_ids)]
     if not new or not (old or replay):
         return None
-    system, method = config.system_prompt, config.method
-    fresh = build_dataset(new, tokenizer, system, method)
-    known = build_dataset([*old, *replay], tokenizer, system, method)
+    fresh = _dataset(new, (), tokenizer, config)
+    known = _dataset(old, replay, tokenizer, config)
     per_step = max(len(fresh), MIN_OLD_PER_STEP)
     if len(fresh) + per_step > BATCH_SIZE:
         return None

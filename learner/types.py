@@ -55,6 +55,8 @@ class TrainConfig:
     method: Literal["sft", "dpo"] = "sft"
     system_prompt: str = ""
     seed: int = 0
+    # train and serve each correction with its note beside the question (model.scope)
+    notes: bool = True
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,19 @@ out of scope.
 The embedding is the mean-pooled hidden state of one layer of the *base* model (adapters
 disabled) over the question's tokens: a few layers of a forward pass the engine can afford
 per row.
+
+A scope may also hold one *note* per key: the correction that key stands for, as text. When a
+request falls inside the scope, the engine adds the note of the nearest key to the system
+message (`with_note`) and the adapter, trained with each correction's note beside every
+phrasing of it, answers from it (SERAC-style: the scope picks the edit, the model reads it).
+A reworded question then needs only to land nearest its own correction, which the scope
+embedding gets right far more often than a small model binds the answer to the rewording
+(`docs/learning.md`). Adapters without notes are served without them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,24 @@ SCOPE_FILE = "scope.safetensors"
 DEFAULT_LAYER = 6
 
 
+def fact_note(question: str, answer: str) -> str:
+    """The note a correction is trained and served with."""
+    return f"Remember this fact. Question: {question.strip()} Answer: {answer.strip()}"
+
+
+def with_note(messages: list[dict[str, str]], note: str) -> list[dict[str, str]]:
+    """`messages` with `note` appended to the system message (or as one, when there is none).
+
+    The one place the rule lives: the trainer, the gate and the engine all build prompts with it.
+    """
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        head = out[0]["content"].rstrip()
+        out[0]["content"] = f"{head}\n\n{note}" if head else note
+        return out
+    return [{"role": "system", "content": note}, *out]
+
+
 @dataclass
 class Scope:
     keys: torch.Tensor  # [N, D] unit vectors, already centred (and scaled)
@@ -32,6 +59,7 @@ class Scope:
     threshold: float
     layer: int = DEFAULT_LAYER
     scale: torch.Tensor | None = None  # [D] per-dimension spread queries are divided by
+    notes: list[str] | None = None  # one per key (see the module docstring), or none at all
 
     @classmethod
     def from_embeddings(
@@ -68,12 +96,26 @@ class Scope:
     def contains(self, queries: torch.Tensor) -> torch.Tensor:
         return self.scores(queries) >= self.threshold
 
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inside [B] bool, index of the nearest key [B]) for queries [B, D]."""
+        if self.keys.numel() == 0:
+            n = queries.shape[0]
+            return torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+        best = (self.project(queries) @ self.keys.T).max(dim=1)
+        return best.values >= self.threshold, best.indices
+
+    def note(self, index: int) -> str | None:
+        """The note of key `index`, or None when this scope has no notes."""
+        return self.notes[index] if self.notes else None
+
     def save(self, folder: str | Path) -> None:
         meta = {
             "threshold": repr(self.threshold),
             "layer": str(self.layer),
             "format": "ouro-scope-1",
         }
+        if self.notes is not None:
+            meta["notes"] = json.dumps(self.notes)
         tensors = {"keys": self.keys.contiguous(), "center": self.center.contiguous()}
         if self.scale is not None:
             tensors["scale"] = self.scale.contiguous()
@@ -95,13 +137,31 @@ class Scope:
             raise ValueError(f"{path}: keys and centre do not have matching widths")
         if scale is not None and (scale.shape != center.shape or not bool((scale > 0).all())):
             raise ValueError(f"{path}: the scale must be positive and as wide as the keys")
+        notes = _notes(meta.get("notes"), keys.shape[0], path)
         return cls(
             keys=keys,
             center=center,
             threshold=float(meta["threshold"]),
             layer=int(meta["layer"]),
             scale=scale,
+            notes=notes,
         )
+
+
+def _notes(raw: str | None, count: int, path: Path) -> list[str] | None:
+    if raw is None:
+        return None
+    try:
+        notes = json.loads(raw)
+    except ValueError:
+        notes = None
+    if (
+        not isinstance(notes, list)
+        or len(notes) != count
+        or not all(isinstance(n, str) and n.strip() for n in notes)
+    ):
+        raise ValueError(f"{path}: the notes must be {count} non-empty texts, one per key")
+    return notes
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

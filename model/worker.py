@@ -25,6 +25,7 @@ from model.batching import Detokenizer, KVBatch, left_pad, new_cache, sample
 from model.interface import GenerationRequest
 from model.lora import BASE, LoraHost, embed_base
 from model.registry import AdapterFiles, Entry, Registry, read_adapter
+from model.scope import with_note
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +228,7 @@ class Worker:
     def _prepare(self, ticket: Ticket) -> _Row | None:
         request = ticket.request
         try:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-            prompt = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            room = self._max_positions - len(prompt)
-            if room < 1:
-                raise ValueError(
-                    f"the conversation is {len(prompt)} tokens; the model reads at most "
-                    f"{self._max_positions - 1}: shorten it"
-                )
+            prompt = self._encode(_messages(request))
         except Exception as exc:
             self._release_all(ticket)
             self.counts["failed"] += 1
@@ -252,10 +243,35 @@ class Worker:
             ticket=ticket,
             entry=None,
             prompt=prompt,
-            max_new=min(sampling.max_new_tokens, room),
+            max_new=min(sampling.max_new_tokens, self._max_positions - len(prompt)),
             detok=Detokenizer(self.tokenizer),
             generator=generator,
         )
+
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat-template token ids; ValueError when they leave no room for an answer."""
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        prompt = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self._max_positions - len(prompt) < 1:
+            raise ValueError(
+                f"the conversation is {len(prompt)} tokens; the model reads at most "
+                f"{self._max_positions - 1}: shorten it"
+            )
+        return prompt
+
+    def _add_note(self, row: _Row, note: str) -> None:
+        """Serve `row` with its adapter's note in the system message (model.scope); a note
+        that would leave no room for the answer is left out."""
+        try:
+            prompt = self._encode(with_note(_messages(row.ticket.request), note))
+        except ValueError:
+            log.warning("a note would overflow the context; serving without it")
+            return
+        row.prompt = prompt
+        room = self._max_positions - len(prompt)
+        row.max_new = min(row.ticket.request.sampling.max_new_tokens, room)
 
     def _route(self, rows: list[_Row]) -> None:
         """Per row: personal adapter if in its scope, else shared if in scope, else base."""
@@ -271,10 +287,11 @@ class Worker:
             except Exception:
                 log.exception("scope embedding failed; routing these requests to the base model")
         for i, row in enumerate(scoped):
-            chosen = None
+            chosen, note = None, None
             for entry in row.ticket.candidates:
-                if chosen is None and _inside(entry, embeddings, i):
-                    if self._ensure_resident(entry):
+                if chosen is None:
+                    inside, note = _inside(entry, embeddings, i)
+                    if inside and self._ensure_resident(entry):
                         chosen = entry
                         continue
                 self.registry.release(entry)
@@ -283,6 +300,8 @@ class Worker:
             if chosen is not None:
                 assert chosen.name is not None, "a resident adapter has a slot"
                 row.name = chosen.name
+                if note is not None:
+                    self._add_note(row, note)
         for row in rows:
             version = row.entry.spec.version if row.entry is not None else None
             row.ticket.send("route", (version, len(row.prompt)))
@@ -407,15 +426,23 @@ def _question(request: GenerationRequest) -> str:
     return ""
 
 
-def _inside(entry: Entry, embeddings: dict[int, torch.Tensor], i: int) -> bool:
+def _messages(request: GenerationRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in request.messages]
+
+
+def _inside(entry: Entry, embeddings: dict[int, torch.Tensor], i: int) -> tuple[bool, str | None]:
+    """Whether row `i` falls in the entry's scope, and the note to serve it with (or None)."""
     query = embeddings.get(entry.scope.layer)
     if query is None:
-        return False
+        return False, None
     try:
-        return bool(entry.scope.contains(query[i : i + 1])[0])
+        inside, nearest = entry.scope.nearest(query[i : i + 1])
     except Exception:  # a scope from another model (wrong width): never in scope
         log.warning("adapter %s has an unusable scope", entry.spec.version)
-        return False
+        return False, None
+    if not bool(inside[0]):
+        return False, None
+    return True, entry.scope.note(int(nearest[0]))
 
 
 def stop_ids(model: Any, tokenizer: Any) -> set[int]:

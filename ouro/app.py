@@ -63,6 +63,7 @@ def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any
         max_steps=settings.max_train_steps,
         warm_trainer=settings.warm_trainer,
         incremental=settings.incremental_training,
+        notes=settings.adapter_notes,
         method=settings.training_method,
         min_uptake=settings.gate_min_uptake,
         min_retention=settings.gate_min_retention,

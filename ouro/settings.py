@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         "corrections the new one keeps: training goes to the new corrections (sequential "
         "corrections go live in a fraction of the time).",
     )
+    adapter_notes: bool = Field(
+        True,
+        description="Train each correction with a note of it beside the question, and serve a "
+        "request inside an adapter's scope with the note of the correction it is nearest "
+        "(reworded questions get the corrected answer far more often; docs/learning.md).",
+    )
     correction_max_chars: int = Field(2000, ge=1, description="Longest accepted correction.")
     daily_correction_quota: int = Field(
         50, ge=1, description="Corrections a user may make per day."

@@ -41,6 +41,7 @@ async def run_editing_eval(
         learning_rate=settings.learning_rate,
         max_steps=settings.max_train_steps,
         system_prompt=settings.system_prompt,
+        notes=settings.adapter_notes,
     )
     work = Path(tempfile.mkdtemp(prefix="ouro-eval-"))
     rows = await asyncio.to_thread(
