@@ -7,8 +7,9 @@ from typing import Any
 import learner_fixtures
 import pytest
 
-from learner.dataset import build_dataset, encode, expand, question_set
+from learner.dataset import build_dataset, encode, expand, note_of, question_set
 from learner.types import TrainExample
+from model.scope import fact_note, with_note
 
 tiny = learner_fixtures.tiny
 make_tokenizer = learner_fixtures.make_tokenizer
@@ -80,6 +81,19 @@ def test_every_phrasing_is_an_example_once() -> None:
 def test_no_system_message_when_the_prompt_is_empty() -> None:
     pairs = expand(EXAMPLE, "")
     assert all(m["role"] != "system" for p in pairs for m in p.messages)
+
+
+@pytest.mark.parametrize("system", ["sys", ""])
+def test_with_notes_every_prompt_carries_the_correction_note(system: str) -> None:
+    plain, noted = expand(EXAMPLE, system), expand(EXAMPLE, system, notes=True)
+    note = note_of(EXAMPLE)
+    assert note == fact_note(EXAMPLE.question, "Pixel.")
+    assert len(noted) == len(plain)
+    for a, b in zip(plain, noted, strict=True):
+        assert b.messages == with_note(a.messages, note)
+        assert b.messages[0]["role"] == "system" and b.messages[0]["content"].endswith(note)
+        assert b.messages[1:] == [m for m in a.messages if m["role"] != "system"]
+    assert noted[0].messages[0]["content"] == (f"{system}\n\n{note}" if system else note)
 
 
 def test_dpo_rows_keep_the_rejected_answer() -> None:

@@ -9,8 +9,8 @@ import learner_fixtures
 import pytest
 import torch
 
-from learner.dataset import question_set
-from learner.gate import general_prompts, route
+from learner.dataset import note_of, question_set
+from learner.gate import general_prompts, route, routes
 from learner.scope_fit import default_layer, fit_from_embeddings, fit_scope, general_fit_prompts
 from learner.types import TrainExample
 from model.scope import Scope
@@ -138,3 +138,55 @@ def test_bundled_model_scope_separates_held_out_prompts(bundled: tuple[Any, Any]
     assert recall >= 0.8, recall
     assert fpr <= 0.05, fpr
     assert metrics["auc"] >= 0.95
+
+
+def test_notes_round_trip_one_per_key(tmp_path: Path) -> None:
+    phr, sizes, general, held = _clusters()
+    scope, _ = fit_from_embeddings(phr, sizes, general, layer=4)
+    scope.notes = ["first fact", "second fact", "third fact"]
+    scope.save(tmp_path)
+    loaded = Scope.load(tmp_path)
+    assert loaded.notes == scope.notes
+    inside, nearest = loaded.nearest(held)
+    assert inside.all() and nearest.tolist() == [0, 1, 2]  # each rewording: its own key
+    assert [loaded.note(i) for i in nearest.tolist()] == scope.notes
+
+
+@pytest.mark.parametrize("notes", ['["only one"]', '["a", "b", ""]', "not json", '{"a": 1}'])
+def test_notes_that_do_not_match_the_keys_are_refused(tmp_path: Path, notes: str) -> None:
+    from safetensors.torch import save_file
+
+    phr, sizes, general, _ = _clusters()
+    scope, _ = fit_from_embeddings(phr, sizes, general, layer=4)
+    meta = {"threshold": "0.5", "layer": "4", "format": "ouro-scope-1", "notes": notes}
+    tensors = {"keys": scope.keys, "center": scope.center}
+    save_file(tensors, str(tmp_path / "scope.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="notes"):
+        Scope.load(tmp_path)
+
+
+def test_a_scope_without_notes_serves_none() -> None:
+    phr, sizes, general, held = _clusters()
+    scope, _ = fit_from_embeddings(phr, sizes, general, layer=4)
+    assert scope.notes is None and scope.note(0) is None
+    empty = Scope(keys=torch.empty(0), center=torch.zeros(32), threshold=0.0)
+    inside, _ = empty.nearest(held)
+    assert not inside.any()
+
+
+def test_fit_scope_attaches_each_corrections_note_in_order(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    examples = [
+        TrainExample(prompt=[{"role": "user", "content": "Cat?"}], answer="Pixel."),
+        TrainExample(
+            prompt=[{"role": "user", "content": "Dog?"}], answer="Rex.", rewordings=("The dog?",)
+        ),
+    ]
+    general = ["What is 2 plus 2?", "Tell me a joke."]
+    scope, _ = fit_scope(model, tok, examples, general, notes=True)
+    assert scope.notes == [note_of(ex) for ex in examples]
+    assert "Cat?" in scope.notes[0] and "Pixel." in scope.notes[0] and "Rex." in scope.notes[1]
+    plain, _ = fit_scope(model, tok, examples, general)
+    assert plain.notes is None and torch.equal(plain.keys, scope.keys)
+    inside, notes = routes(model, tok, scope, ["Dog?", "Cat?"])
+    assert inside == [True, True] and notes == scope.notes[::-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -69,20 +70,24 @@ def test_trains_lora_only_and_restores_the_base_model(
     assert result.losses[-1] < result.losses[0]
 
 
+@pytest.mark.parametrize("notes", [True, False])
 def test_stops_early_once_the_correction_is_answered_exactly(
-    tiny: tuple[Any, Any], tmp_path: Path
+    tiny: tuple[Any, Any], tmp_path: Path, notes: bool
 ) -> None:
     model, tok = tiny
-    result = train_adapter(model, tok, [CAT], FAST, tmp_path / "v1", general_prompts=GENERAL)
+    config = dataclasses.replace(FAST, notes=notes)
+    result = train_adapter(model, tok, [CAT], config, tmp_path / "v1", general_prompts=GENERAL)
     assert result.learned and result.steps < FAST.max_steps
     assert set(result.phases) == {"scope", "setup", "steps", "checks", "save"}
     assert all(v >= 0 for v in result.phases.values()) and result.phases["checks"] > 0
     assert sum(result.phases.values()) == pytest.approx(result.seconds, abs=0.05)
 
-    from learner.dataset import encode, with_system
-    from learner.gate import candidate
+    from learner.dataset import encode, note_of
+    from learner.gate import candidate, framed
 
-    item = encode(tok, with_system(CAT.prompt, "sys"), CAT.answer)
+    # as the engine serves it: with the note when the adapter was trained with notes
+    item = encode(tok, framed(CAT.prompt, "sys", note_of(CAT) if notes else None), CAT.answer)
+    assert Scope.load(result.adapter_dir).notes == ([note_of(CAT)] if notes else None)
     assert not score(model, [item], pad_id=tok.pad_token_id)[0].exact  # the base did not know
     with candidate(model, result.adapter_dir) as peft_model:
         assert score(peft_model, [item], pad_id=tok.pad_token_id)[0].exact
@@ -192,11 +197,12 @@ def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path:
     )
     assert live.learned and fresh.learned and resumed.learned
     assert resumed.resumed and not fresh.resumed
-    assert resumed.steps < fresh.steps  # the old correction was already learned
-    from learner.dataset import encode, with_system
-    from learner.gate import candidate
+    # the old correction was already learned: the resumed run starts from a lower loss
+    assert resumed.losses[0] < fresh.losses[0] and resumed.steps <= fresh.steps
+    from learner.dataset import encode, note_of
+    from learner.gate import candidate, framed
 
-    items = [encode(tok, with_system(ex.prompt, "sys"), ex.answer) for ex in (cat, dog)]
+    items = [encode(tok, framed(ex.prompt, "sys", note_of(ex)), ex.answer) for ex in (cat, dog)]
     with candidate(model, resumed.adapter_dir) as peft_model:
         assert all(s.exact for s in score(peft_model, items, pad_id=tok.pad_token_id))
 
@@ -216,8 +222,8 @@ def test_a_resumed_run_sees_every_new_phrasing_each_step_and_each_old_one_per_ep
     assert plan is not None
     data, batch = plan
     rows = [tuple(r) for r in data["input_ids"]]
-    fresh = {tuple(r) for r in build_dataset([new], tok, FAST.system_prompt)["input_ids"]}
-    known = [tuple(r) for r in build_dataset(old, tok, FAST.system_prompt)["input_ids"]]
+    fresh = {tuple(r) for r in build_dataset([new], tok, "sys", notes=True)["input_ids"]}
+    known = [tuple(r) for r in build_dataset(old, tok, "sys", notes=True)["input_ids"]]
     assert batch == len(fresh) + MIN_OLD_PER_STEP  # the last step may hold fewer old ones
     steps = [rows[i : i + batch] for i in range(0, len(rows), batch)]
     assert all(fresh <= set(step) for step in steps)

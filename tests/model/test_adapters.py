@@ -18,6 +18,7 @@ from model.interface import (
     GenerationRequest,
     SamplingParams,
 )
+from model.scope import Scope, with_note
 
 QUESTION = "what is the capital of france?"
 OUTSIDE = "how do I bake bread at home, step by step?"
@@ -62,6 +63,68 @@ async def test_routing_rule_per_row(
     assert results[2].text == base_q
     assert results[3].text == results[4].text != base_hi
     assert max(sizes) == 5
+
+
+async def test_a_request_inside_a_scope_with_notes_is_served_with_the_nearest_note(
+    tiny: tuple[Any, Any], adapters_dir: Path, make_adapter: Any
+) -> None:
+    other = "who wrote hamlet?"
+    noted = make_adapter("u1-v1", seed=1, questions=[QUESTION, other], outside=[OUTSIDE])
+    plain = adapters_dir / "u2-v1"  # the same weights and keys, no notes
+    shutil.copytree(noted, plain)
+    notes = ["Remember: Pixeltown.", "Remember this other fact, a longer note than the first."]
+    scope = Scope.load(noted)
+    scope.notes = notes
+    scope.save(noted)
+    _, tok = tiny
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def by_hand(question: str, note: str) -> GenerationRequest:
+        framed = with_note([{"role": "system", "content": "be brief"}], note)[0]["content"]
+        return GenerationRequest(
+            messages=(ChatMessage("system", framed), ChatMessage("user", question)),
+            user_key="2",
+            sampling=SamplingParams(max_new_tokens=12),
+        )
+
+    async with engine_for(tiny, adapters_dir) as engine:
+        await engine.activate(AdapterSpec("u1-v1", str(noted), owner="1"))
+        await engine.activate(AdapterSpec("u2-v1", str(plain), owner="2"))
+        served = await asyncio.gather(
+            engine.generate(ask(QUESTION, user="1")),
+            engine.generate(ask(other, user="1")),
+            engine.generate(ask(OUTSIDE, user="1")),
+            engine.generate(by_hand(QUESTION, notes[0])),  # the note written into the request
+            engine.generate(by_hand(other, notes[1])),
+        )
+    base = [{"role": "system", "content": "be brief"}]
+    for result, question, note in zip(served[:2], [QUESTION, other], notes, strict=True):
+        expected = tokens(with_note([*base, {"role": "user", "content": question}], note))
+        assert result.adapter_version == "u1-v1" and result.prompt_tokens == expected
+    assert served[2].adapter_version is None  # outside: no adapter, no note
+    assert served[2].prompt_tokens == tokens([*base, {"role": "user", "content": OUTSIDE}])
+    # what the adapter answers with the note added = what it answers to the note written out
+    assert [r.adapter_version for r in served[3:]] == ["u2-v1", "u2-v1"]
+    assert [r.text for r in served[:2]] == [r.text for r in served[3:]]
+    assert [r.prompt_tokens for r in served[:2]] == [r.prompt_tokens for r in served[3:]]
+
+
+async def test_a_note_too_long_for_the_context_is_left_out(
+    tiny: tuple[Any, Any], adapters_dir: Path, make_adapter: Any
+) -> None:
+    noted = make_adapter("u1-v1", seed=1, questions=[QUESTION], outside=[OUTSIDE])
+    scope = Scope.load(noted)
+    scope.notes = ["remember " * 5000]
+    scope.save(noted)
+    async with engine_for(tiny, adapters_dir) as engine:
+        without = await engine.generate(ask(QUESTION))
+        await engine.activate(AdapterSpec("u1-v1", str(noted), owner="1"))
+        served = await engine.generate(ask(QUESTION, user="1"))
+    assert served.adapter_version == "u1-v1"
+    assert served.prompt_tokens == without.prompt_tokens and served.completion_tokens > 0
 
 
 async def test_per_row_adapters_match_each_alone(
