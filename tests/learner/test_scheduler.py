@@ -97,8 +97,8 @@ async def test_in_process_learner_trains_right_after_a_correction(
     async with LearnerControl(store, engine, config(tmp_path), runner=trainer) as control:
         await ask(store, alice, "Who maintains Ouro?", "No idea.", "The Loop Collective.")
         await control.notify_correction(alice.id)
-        for _ in range(200):
-            if engine.active_versions():
+        for _ in range(200):  # the swap comes just before the job is recorded as done
+            if engine.active_versions() and control.metrics()["jobs"].get("succeeded"):
                 break
             await asyncio.sleep(0.05)
         assert list(engine.active_versions()) == [str(alice.id)]
