@@ -53,6 +53,14 @@ def phrasings(example: TrainExample, *, templates: bool = True) -> list[str]:
     return [p for p in dict.fromkeys(s.strip() for s in out) if p]
 
 
+def framed(
+    messages: list[dict[str, str]], system_prompt: str, note: str | None
+) -> list[dict[str, str]]:
+    """The prompt as the engine sends it: system prompt, and the note when routed to one."""
+    messages = with_system(messages, system_prompt)
+    return with_note(messages, note) if note else messages
+
+
 def note_of(example: TrainExample) -> str:
     """The note this correction is trained and served with (see model.scope)."""
     return fact_note(example.question, example.answer)
@@ -66,18 +74,14 @@ def expand(
     `notes`: each prompt also carries the correction's note, as the engine serves it.
     """
     validate_example(example)
-
-    def system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        framed = with_system(messages, system_prompt)
-        return with_note(framed, note_of(example)) if notes else framed
-
-    pairs = [Pair(system(example.prompt), example.answer, example.rejected)]
+    note = note_of(example) if notes else None
+    pairs = [Pair(framed(example.prompt, system_prompt, note), example.answer, example.rejected)]
     seen = {example.question.strip()} if len(example.prompt) == 1 else set()
     for text in phrasings(example, templates=templates):
         if text in seen:
             continue
         seen.add(text)
-        messages = system([{"role": "user", "content": text}])
+        messages = framed([{"role": "user", "content": text}], system_prompt, note)
         pairs.append(Pair(messages, example.answer, example.rejected))
     return pairs
 

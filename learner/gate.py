@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from learner.dataset import encode, question_set, with_system
+from learner.dataset import encode, framed, question_set
 from learner.forced import Scored, perplexity, score
 from learner.types import GateReport, TrainExample
-from model.scope import Scope, embed_questions, with_note
+from model.scope import Scope, embed_questions
 
 REFERENCE_TOKENS = 32  # base answers are compared on their first 32 tokens
 
@@ -65,14 +65,6 @@ def routes(
     nearest_keys = nearest.tolist()
     notes = [scope.note(j) if ok else None for ok, j in zip(flags, nearest_keys, strict=True)]
     return flags, notes
-
-
-def framed(
-    messages: list[dict[str, str]], system_prompt: str, note: str | None
-) -> list[dict[str, str]]:
-    """The prompt as the engine sends it: system prompt, and the note when routed to one."""
-    messages = with_system(messages, system_prompt)
-    return with_note(messages, note) if note else messages
 
 
 def _pad_id(tokenizer: Any) -> int:

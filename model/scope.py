@@ -87,22 +87,26 @@ class Scope:
             x = x / self.scale
         return _normalise(x)
 
+    def best(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max cosine similarity [B], index of that key [B]) for queries [B, D]; a scope
+        without keys scores -1 with key 0."""
+        if self.keys.numel() == 0:
+            n = queries.shape[0]
+            return torch.full((n,), -1.0), torch.zeros(n, dtype=torch.long)
+        values, indices = (self.project(queries) @ self.keys.T).max(dim=1)
+        return values, indices
+
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """Max cosine similarity of each query [B, D] to the scope's keys -> [B]."""
-        if self.keys.numel() == 0:
-            return torch.full((queries.shape[0],), -1.0)
-        return (self.project(queries) @ self.keys.T).max(dim=1).values
+        return self.best(queries)[0]
 
     def contains(self, queries: torch.Tensor) -> torch.Tensor:
         return self.scores(queries) >= self.threshold
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inside [B] bool, index of the nearest key [B]) for queries [B, D]."""
-        if self.keys.numel() == 0:
-            n = queries.shape[0]
-            return torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
-        best = (self.project(queries) @ self.keys.T).max(dim=1)
-        return best.values >= self.threshold, best.indices
+        values, indices = self.best(queries)
+        return values >= self.threshold, indices
 
     def note(self, index: int) -> str | None:
         """The note of key `index`, or None when this scope has no notes."""

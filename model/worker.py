@@ -243,7 +243,7 @@ class Worker:
             ticket=ticket,
             entry=None,
             prompt=prompt,
-            max_new=min(sampling.max_new_tokens, self._max_positions - len(prompt)),
+            max_new=self._max_new(request, prompt),
             detok=Detokenizer(self.tokenizer),
             generator=generator,
         )
@@ -270,8 +270,11 @@ class Worker:
             log.warning("a note would overflow the context; serving without it")
             return
         row.prompt = prompt
-        room = self._max_positions - len(prompt)
-        row.max_new = min(row.ticket.request.sampling.max_new_tokens, room)
+        row.max_new = self._max_new(row.ticket.request, prompt)
+
+    def _max_new(self, request: GenerationRequest, prompt: list[int]) -> int:
+        """The request's token limit, within what the context leaves after `prompt`."""
+        return min(request.sampling.max_new_tokens, self._max_positions - len(prompt))
 
     def _route(self, rows: list[_Row]) -> None:
         """Per row: personal adapter if in its scope, else shared if in scope, else base."""

@@ -82,8 +82,8 @@ def test_stops_early_once_the_correction_is_answered_exactly(
     assert all(v >= 0 for v in result.phases.values()) and result.phases["checks"] > 0
     assert sum(result.phases.values()) == pytest.approx(result.seconds, abs=0.05)
 
-    from learner.dataset import encode, note_of
-    from learner.gate import candidate, framed
+    from learner.dataset import encode, framed, note_of
+    from learner.gate import candidate
 
     # as the engine serves it: with the note when the adapter was trained with notes
     item = encode(tok, framed(CAT.prompt, "sys", note_of(CAT) if notes else None), CAT.answer)
@@ -199,8 +199,8 @@ def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path:
     assert resumed.resumed and not fresh.resumed
     # the old correction was already learned: the resumed run starts from a lower loss
     assert resumed.losses[0] < fresh.losses[0] and resumed.steps <= fresh.steps
-    from learner.dataset import encode, note_of
-    from learner.gate import candidate, framed
+    from learner.dataset import encode, framed, note_of
+    from learner.gate import candidate
 
     items = [encode(tok, framed(ex.prompt, "sys", note_of(ex)), ex.answer) for ex in (cat, dog)]
     with candidate(model, resumed.adapter_dir) as peft_model:
