@@ -47,15 +47,17 @@ def fact_examples(count: int, start: int = 0) -> tuple[list[TrainExample], list[
     return train, held
 
 
-def check_counts(counts: Sequence[int], groups: int) -> list[int]:
+def check_counts(counts: Sequence[int], groups: int, first_group: int = 0) -> list[int]:
     """The counts, sorted and deduplicated; ValueError when the shipped facts cannot hold
-    `groups` disjoint sets of the largest."""
+    `groups` disjoint sets of the largest, or `first_group` is not one of them."""
     available = len(question_set()["facts"])
     ordered = sorted(set(counts))
     if not ordered or ordered[0] < 1 or ordered[-1] > available:
         raise ValueError(f"counts must be between 1 and {available}")
     if groups < 1:
         raise ValueError("groups must be at least 1")
+    if not 0 <= first_group < groups:
+        raise ValueError(f"the first group must be between 0 and {groups - 1}")
     if ordered[-1] * groups > available:
         raise ValueError(
             f"{groups} group(s) of {ordered[-1]} corrections need {ordered[-1] * groups} facts, "
@@ -75,13 +77,16 @@ def run_eval(
     log: Callable[[str], None] | None = None,
     groups: int = 1,
     sequential: bool = False,
+    first_group: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per (group, count), then one mean row per count when `groups` > 1.
+    """One row per (group, count), then one mean row per count when more than one group ran.
 
-    Raises ValueError when the question set has too few facts for `groups` × max(counts).
+    `first_group` skips the groups before it (to finish a run that was stopped); the mean
+    rows are then over the groups that ran. Raises ValueError when the question set has too
+    few facts for `groups` × max(counts), or `first_group` is not one of the groups.
     """
     config = config or TrainConfig()
-    counts = check_counts(counts, groups)
+    counts = check_counts(counts, groups, first_group)
     work = Path(work_dir)
     cache = Path(cache_dir) if cache_dir is not None else work / "cache"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -119,7 +124,7 @@ def run_eval(
         if log is not None:
             log(format_table([row]).splitlines()[-1])
 
-    for group in range(groups):
+    for group in range(first_group, groups):
         first = group * counts[-1]
         if sequential:
             train, _ = fact_examples(counts[-1], first)
@@ -143,7 +148,7 @@ def run_eval(
                 train, _ = fact_examples(count, first)
                 out = work / f"eval-g{group}-{count}-{stamp}"
                 measure(group, count, train_adapter(model, tokenizer, train, config, out), out)
-    if groups > 1:
+    if groups - first_group > 1:
         for count in counts:
             mine = [r for r in rows if r["corrections"] == count]
             mean = {k: sum(r[k] for r in mine) / len(mine) for k in METRICS}

@@ -99,22 +99,24 @@ class _Monitor:
         probes: list[tuple[list[int], list[int]]],
         pad_id: int,
         max_steps: int,
-        check_every: int,
         progress: Callable[[dict[str, Any]], None] | None,
+        check_every: int = 1,  # steps between exactness checks
     ) -> None:
         self.model, self.probes, self.pad_id = model, probes, pad_id
         self.max_steps, self.check_every, self.progress = max_steps, check_every, progress
         self.losses: list[float] = []
         self.learned = False
         self.check_seconds = 0.0
-        self._last_check = -check_every
+        self._last_check: int | None = None
 
     def after_step(self, step: int, loss: float) -> bool:
         """Return True to stop training."""
         self.losses.append(loss)
         if self.progress is not None:
             self.progress({"step": step, "max_steps": self.max_steps, "loss": loss})
-        if loss > CHECK_BELOW_LOSS or step - self._last_check < self.check_every:
+        if loss > CHECK_BELOW_LOSS:
+            return False
+        if self._last_check is not None and step - self._last_check < self.check_every:
             return False
         self._last_check = step
         self.learned = self.check()
@@ -282,22 +284,29 @@ def train_adapter(
     peft_model = _attach_lora(model, config.shape)
     try:
         resumed = start_from is not None and _resume(peft_model, Path(start_from))
-        plan = _blocks(examples, replay, new_ids, tokenizer, config) if resumed else None
-        if plan is not None:  # each step: every new phrasing, and the next few old ones
-            dataset, batch, check_every = (*plan, RESUMED_CHECK_EVERY)
+        monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, progress)
+        # The live weights may answer the new corrections already: with notes, a version that
+        # learned to answer from its note reads a new correction's note like an old one's. Then
+        # no step is needed, and the new scope (its keys and notes) is all that changes.
+        if resumed and monitor.check():
+            monitor.learned = True
+            phases["setup"] = time.monotonic() - started - phases["scope"] - monitor.check_seconds
         else:
-            dataset = _dataset(examples, replay, tokenizer, config)
-            batch = min(BATCH_SIZE, len(dataset))
-            check_every = -(-len(dataset) // batch)  # once per epoch
-        monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, check_every, progress)
-        trainer = _trainer(
-            peft_model, tokenizer, dataset, config, tmp / "trainer", batch, plan is not None
-        )
-        trainer.add_callback(_callback(monitor))
-        phases["setup"] = time.monotonic() - started - phases["scope"]
-        trainer.train()
-        if not monitor.learned:  # ran out of steps: one last look at the final weights
-            monitor.learned = monitor.check()
+            plan = _blocks(examples, replay, new_ids, tokenizer, config) if resumed else None
+            if plan is not None:  # each step: every new phrasing, and the next few old ones
+                dataset, batch, monitor.check_every = (*plan, RESUMED_CHECK_EVERY)
+            else:
+                dataset = _dataset(examples, replay, tokenizer, config)
+                batch = min(BATCH_SIZE, len(dataset))
+                monitor.check_every = -(-len(dataset) // batch)  # once per epoch
+            trainer = _trainer(
+                peft_model, tokenizer, dataset, config, tmp / "trainer", batch, plan is not None
+            )
+            trainer.add_callback(_callback(monitor))
+            phases["setup"] = time.monotonic() - started - phases["scope"] - monitor.check_seconds
+            trainer.train()
+            if not monitor.learned:  # ran out of steps: one last look at the final weights
+                monitor.learned = monitor.check()
         phases["checks"] = monitor.check_seconds
         phases["steps"] = time.monotonic() - started - sum(phases.values())
         shutil.rmtree(tmp / "trainer", ignore_errors=True)

@@ -317,9 +317,15 @@ async def run_eval(
     output: str | None,
     groups: int = 1,
     sequential: bool = False,
+    first_group: int = 0,
 ) -> int:
     from ouro.bench.editing import run_editing_eval
 
     return await run_editing_eval(
-        settings, counts=counts, output=output, groups=groups, sequential=sequential
+        settings,
+        counts=counts,
+        output=output,
+        groups=groups,
+        sequential=sequential,
+        first_group=first_group,
     )

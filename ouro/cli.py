@@ -133,7 +133,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     return _run(
         lambda s: run_eval(
-            s, counts=counts, output=args.output, groups=args.groups, sequential=args.sequential
+            s,
+            counts=counts,
+            output=args.output,
+            groups=args.groups,
+            sequential=args.sequential,
+            first_group=args.from_group,
         )
     )
 
@@ -215,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", default="1,10", help="sequential correction counts, e.g. 1,10,100")
     p.add_argument(
         "--groups", type=int, default=1, help="repeat on this many disjoint sets of facts"
+    )
+    p.add_argument(
+        "--from-group",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start at set K of --groups (to finish a long run that was stopped)",
     )
     p.add_argument(
         "--sequential",

@@ -21,6 +21,7 @@ async def run_editing_eval(
     output: str | None,
     groups: int = 1,
     sequential: bool = False,
+    first_group: int = 0,
 ) -> int:
     import asyncio
 
@@ -29,7 +30,7 @@ async def run_editing_eval(
     from model.loading import load_base_model
 
     try:  # before loading the model
-        check_counts(counts, groups)
+        check_counts(counts, groups, first_group)
     except ValueError as exc:
         print(f"ouro eval: {exc}", file=sys.stderr)
         return 2
@@ -55,8 +56,10 @@ async def run_editing_eval(
         log=lambda line: print(line, file=sys.stderr, flush=True),
         groups=groups,
         sequential=sequential,
+        first_group=first_group,
     )
     flags = f"--counts {','.join(map(str, counts))}" + (f" --groups {groups}" if groups > 1 else "")
+    flags += f" --from-group {first_group}" if first_group else ""
     flags += " --sequential" if sequential else ""
     text = (
         f"# Knowledge-editing eval ({time.strftime('%Y-%m-%d %H:%M')})\n\n"

@@ -75,6 +75,18 @@ def test_eval_refuses_more_facts_than_shipped(tiny: tuple[Any, Any], tmp_path: P
         run_eval(model, tok, counts=(100,), work_dir=tmp_path, groups=2)
     with pytest.raises(ValueError, match="groups must be at least 1"):
         run_eval(model, tok, counts=(1,), work_dir=tmp_path, groups=0)
+    with pytest.raises(ValueError, match="first group must be between 0 and 1"):
+        run_eval(model, tok, counts=(1,), work_dir=tmp_path, groups=2, first_group=2)
+
+
+def test_a_stopped_eval_can_finish_from_a_later_group(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=30, system_prompt="sys")
+    rows = run_eval(model, tok, counts=(1,), work_dir=tmp_path, config=cfg, groups=3, first_group=2)
+    assert [(r["group"], r["corrections"]) for r in rows] == [(2, 1)]  # one group: no mean row
+    assert "eval-g2-1-" in rows[0]["adapter_dir"]
 
 
 def test_format_table_is_markdown() -> None:

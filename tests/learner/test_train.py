@@ -198,13 +198,43 @@ def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path:
     assert live.learned and fresh.learned and resumed.learned
     assert resumed.resumed and not fresh.resumed
     # the old correction was already learned: the resumed run starts from a lower loss
-    assert resumed.losses[0] < fresh.losses[0] and resumed.steps <= fresh.steps
+    assert resumed.steps >= 1 and resumed.losses[0] < fresh.losses[0]
+    assert resumed.steps <= fresh.steps
     from learner.dataset import encode, framed, note_of
     from learner.gate import candidate
 
     items = [encode(tok, framed(ex.prompt, "sys", note_of(ex)), ex.answer) for ex in (cat, dog)]
     with candidate(model, resumed.adapter_dir) as peft_model:
         assert all(s.exact for s in score(peft_model, items, pad_id=tok.pad_token_id))
+
+
+def test_no_step_when_the_live_version_already_answers_the_new_corrections(
+    tiny: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tok = tiny
+    cat = TrainExample(prompt=CAT.prompt, answer="Pixel.", correction_id=1)
+    live = train_adapter(model, tok, [cat], FAST, tmp_path / "v1", general_prompts=GENERAL)
+    # the same fact corrected again (say, from another conversation): nothing left to learn
+    again = dataclasses.replace(cat, correction_id=2)
+    seen: list[dict[str, Any]] = []
+    result = train_adapter(
+        model,
+        tok,
+        [cat, again],
+        FAST,
+        tmp_path / "v2",
+        general_prompts=GENERAL,
+        progress=seen.append,
+        start_from=live.adapter_dir,
+        new_ids={2},
+    )
+    assert live.learned and result.learned and result.resumed
+    assert result.steps == 0 and result.losses == [] and seen == []
+    assert result.phases["checks"] > 0 and "steps" in result.phases
+    old = load_file(str(Path(live.adapter_dir) / "adapter_model.safetensors"))
+    new = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert Scope.load(Path(result.adapter_dir)).keys.shape[0] == 2  # the new scope is written
 
 
 def test_a_resumed_run_sees_every_new_phrasing_each_step_and_each_old_one_per_epoch(

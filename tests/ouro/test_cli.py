@@ -53,6 +53,7 @@ def test_unknown_subcommand_is_a_clear_error(capsys):
         (["eval", "--counts", "1,ten"], "numbers separated by commas"),
         (["eval", "--counts", "0"], "counts must be between 1 and"),
         (["eval", "--counts", "100", "--groups", "2"], "do not fit the"),
+        (["eval", "--groups", "3", "--from-group", "3"], "first group must be between 0 and 2"),
     ],
 )
 def test_eval_refuses_bad_counts_and_groups_before_loading_anything(argv, message, capsys):
