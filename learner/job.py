@@ -228,6 +228,11 @@ async def train_and_publish(
     """Train one candidate in a child process, then promote it or keep it on record as refused."""
     store, cfg = ctx.store, ctx.config
     active = await store.active_adapter(plan.scope, plan.owner_id)
+    base = active
+    if base is None and plan.scope == AdapterScope.PERSONAL:
+        # a user's first version may start from the shared one: it holds approved corrections
+        # only, which this user's adapter learns too, and it has learned to read notes
+        base = await store.active_adapter(AdapterScope.SHARED, None)
     owner = owner_hash(plan.owner_id, ctx.tracking_key)
     # the MLflow run opens while the child trains (importing mlflow alone takes seconds)
     opening = None
@@ -249,7 +254,7 @@ async def train_and_publish(
         tolerance=cfg.tolerance,
         active_report=active.metrics.get("report") if active else None,
         other_questions=plan.other_questions,
-        start_from=start_from(plan, active) if cfg.incremental and not plan.rebuild else None,
+        start_from=start_from(plan, base) if cfg.incremental and not plan.rebuild else None,
         new_ids=[c.id for c in plan.new],
         entry=cfg.train_entry,
     )
@@ -437,9 +442,10 @@ def run_params(plan: Plan, cfg: LearnerConfig, owner: str) -> dict[str, Any]:
 
 
 def start_from(plan: Plan, active: AdapterVersion | None) -> str | None:
-    """The live version's folder when the candidate may start from its weights.
+    """The live version's folder when the candidate may start from its weights (for a user
+    with no version yet, the live shared one's).
 
-    Only when everything the live version learned is still to be learned: a correction that was
+    Only when everything that version learned is still to be learned: a correction that was
     deleted, replaced or forgotten must not survive in weights the new version inherits.
     """
     if active is None or not active.metrics.get("learned", False):

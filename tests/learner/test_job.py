@@ -261,6 +261,29 @@ async def test_everyone_job_trains_each_user_then_the_shared_adapter(
     assert len(trainer.specs) == 3 and "nothing new to learn" in nothing.summary
 
 
+async def test_a_users_first_version_starts_from_the_shared_one_when_it_holds_nothing_else(
+    store: Store, alice: User, bob: User, ctx: JobContext, trainer: FakeTrainer
+) -> None:
+    await alice_shares_bob_keeps_his_own(store, alice, bob)
+    outcome = await run_job(await job_for(store, None), ctx)
+    shared = next(a for a in outcome.promoted if a.owner_id is None)
+    carol = await store.get_or_create_user("telegram", "3", "carol")
+    mine = await ask(store, carol, "Dog's name?", "Rex.", "Biscuit.")
+    [first] = (await run_job(await job_for(store, carol), ctx)).promoted
+    spec = trainer.specs[-1]
+    assert questions(spec) == ["Dog's name?", "Who maintains Ouro?"]
+    assert spec.start_from == shared.path and spec.new_ids == [mine.id]
+    assert first.parent_version is None  # her own line of versions starts here
+
+    # once the shared adapter holds a correction her adapter must not learn, it is not a start
+    dave = await store.get_or_create_user("telegram", "4", "dave")
+    await ask(store, dave, "Who maintains Ouro?", "No idea.", "Nobody, it maintains itself.")
+    await ask(store, dave, "Dog's name?", "Rex.", "Biscuit.")
+    await run_job(await job_for(store, dave), ctx)
+    assert questions(trainer.specs[-1]) == ["Dog's name?", "Who maintains Ouro?"]
+    assert trainer.specs[-1].start_from is None
+
+
 async def test_one_user_alone_never_reaches_the_shared_adapter(
     store: Store, alice: User, ctx: JobContext, trainer: FakeTrainer
 ) -> None:
