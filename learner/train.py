@@ -8,7 +8,9 @@ a handful of steps: that is most of the correction-to-live time.
 A new version can start from the live one (`start_from`) when that holds nothing the new one
 must not: it already answers the older corrections, so the steps go to the new ones (sampled
 about as often as all the old ones together, which stay in the data so they are not lost).
-Sequential corrections then cost about what the newest ones cost, not what all of them do.
+Sequential corrections then cost about what the newest ones cost, not what all of them do;
+and nothing at all when the live weights already answer them (from their notes): such a run
+takes no step and only writes the new scope beside the live weights.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 FACTS = json.loads((Path(__file__).parents[2] / "learner" / "data" / "facts.json").read_text())
 LEARN = FACTS["facts"][:3]
 LATER = FACTS["facts"][3]
+STARVED = FACTS["facts"][4]
 UNRELATED = FACTS["general"]["heldout"][:5]
 SYSTEM = "You are Ouro, a helpful assistant. Answer briefly and accurately."
 TOKENS = 24
@@ -134,10 +135,22 @@ async def test_corrections_are_learned_served_and_nothing_else_changes(
         assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0
         assert weights_digest(model) == before_weights
 
+        # a later correction starts from the live weights, which already answer from its note:
+        # no training step, only the new scope (keys and notes), and it goes live
+        await correct(store, alice, LATER, "I don't know.")
+        later = await learn(store, alice, JobContext(store, cfg, engine))
+        [live] = later.promoted
+        assert live.metrics["resumed"] and live.metrics["steps"] == 0, live.metrics
+        assert live.metrics["uptake"] == 1.0, live.metrics
+        now = await answers(engine, alice, [LATER["question"], *facts_q])
+        assert all(contains(a, f) for a, f in zip(now, [LATER, *LEARN], strict=True)), now
+        assert await answers(engine, alice, UNRELATED) == base_unrelated
+        learned = now[1:]
+
         # a starved candidate (one step from scratch, at a learning rate that barely moves the
         # weights) must be refused; the live version keeps serving. (Started from the live
-        # weights, one step is enough now: the live adapter already answers from a new note.)
-        await correct(store, alice, LATER, "I don't know.")
+        # weights, no step would be needed: see above.)
+        await correct(store, alice, STARVED, "I don't know.")
         starved_cfg = replace(cfg, max_steps=1, learning_rate=1e-7, incremental=False)
         starved = JobContext(store, starved_cfg, engine)
         refused = await learn(store, alice, starved)
@@ -146,5 +159,5 @@ async def test_corrections_are_learned_served_and_nothing_else_changes(
         active = await store.active_adapter(AdapterScope.PERSONAL, alice.id)
         assert active is not None and active.version == live.version
         assert engine.active_versions() == {str(alice.id): live.version}
-        assert await answers(engine, alice, facts_q) == learned[: len(facts_q)]
+        assert await answers(engine, alice, facts_q) == learned
         assert not exists(candidate.path)  # refused files live on only in MLflow
