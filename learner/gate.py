@@ -25,7 +25,7 @@ import torch
 from learner.dataset import encode, framed, question_set
 from learner.forced import Scored, perplexity, score
 from learner.types import GateReport, TrainExample
-from model.scope import Scope, embed_questions
+from model.scope import Scope, embed_questions, fact_note
 
 REFERENCE_TOKENS = 32  # base answers are compared on their first 32 tokens
 
@@ -75,6 +75,13 @@ def _pad_id(tokenizer: Any) -> int:
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     return set(eos) if isinstance(eos, list) else {int(eos)}
+
+
+def prompts_key(model: Any, tokenizer: Any, system_prompt: str, notes: bool) -> str:
+    """Identifies the prompts a version's corrections are checked under: the base model and
+    its template, the system prompt, and whether (and how) notes are written into it."""
+    parts = [_model_key(model, tokenizer, system_prompt), str(notes), fact_note("{q}", "{a}")]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
 def _model_key(model: Any, tokenizer: Any, system_prompt: str) -> str:

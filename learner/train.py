@@ -30,8 +30,10 @@ import torch
 
 from learner.dataset import build_dataset, encode, expand
 from learner.forced import first_miss, logits_at
+from learner.gate import prompts_key
 from learner.scope_fit import fit_scope, general_fit_prompts
 from learner.types import LoraShape, TrainConfig, TrainExample, TrainResult
+from model.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +126,12 @@ class _Monitor:
         self.learned = self.check()
         return self.learned
 
-    def check(self) -> bool:
+    def check(self, upto: int | None = None) -> bool:
+        """Whether the first `upto` probes (default: all) are answered exactly."""
         started = time.monotonic()
         miss = None
         try:
-            miss = first_miss(self.model, self.probes, pad_id=self.pad_id)
+            miss = first_miss(self.model, self.probes[:upto], pad_id=self.pad_id)
             if miss is not None:  # the next check starts with it
                 self.probes.insert(0, self.probes.pop(miss))
             return miss is None
@@ -276,6 +279,12 @@ def train_adapter(
         for ex in newest_first
         for p in expand(ex, config.system_prompt, notes=config.notes)
     ]
+    new_probes = sum(  # the first ones
+        len(expand(ex, config.system_prompt, notes=config.notes))
+        for ex in examples
+        if _is_new(ex, new_ids)
+    )
+    fingerprint = prompts_key(model, tokenizer, config.system_prompt, config.notes)
     negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
     scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives, notes=config.notes)
     phases = {"scope": time.monotonic() - started}
@@ -289,8 +298,11 @@ def train_adapter(
         monitor = _Monitor(peft_model, probes, pad_id, config.max_steps, progress)
         # The live weights may answer the new corrections already: with notes, a version that
         # learned to answer from its note reads a new correction's note like an old one's. Then
-        # no step is needed, and the new scope (its keys and notes) is all that changes.
-        if resumed and monitor.check():
+        # no step is needed, and the new scope (its keys and notes) is all that changes. The
+        # older phrasings need no second look when these very weights answered all of them
+        # under these very prompts (the live scope's `verified` fingerprint says so).
+        known = resumed and new_ids is not None and _verified(Path(str(start_from))) == fingerprint
+        if resumed and monitor.check(upto=new_probes if known else None):
             monitor.learned = True
             phases["setup"] = time.monotonic() - started - phases["scope"] - monitor.check_seconds
         else:
@@ -313,6 +325,7 @@ def train_adapter(
         phases["steps"] = time.monotonic() - started - sum(phases.values())
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        scope.verified = fingerprint if monitor.learned else None
         scope.save(tmp)
         _publish(tmp, out)
     except BaseException:
@@ -389,6 +402,14 @@ def _blocks(
         order += rotation[start : start + per_step].tolist()
     data = datasets.concatenate_datasets([known, fresh]).select(order)
     return data, len(fresh) + min(per_step, len(known))
+
+
+def _verified(folder: Path) -> str | None:
+    """The prompts fingerprint a saved version was fully checked under, if any."""
+    try:
+        return Scope.load(folder).verified
+    except Exception:  # no scope, or an unreadable one: nothing is known about it
+        return None
 
 
 def _resume(peft_model: Any, folder: Path) -> bool:

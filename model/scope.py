@@ -60,6 +60,9 @@ class Scope:
     layer: int = DEFAULT_LAYER
     scale: torch.Tensor | None = None  # [D] per-dimension spread queries are divided by
     notes: list[str] | None = None  # one per key (see the module docstring), or none at all
+    # the learner's fingerprint of the prompts under which every phrasing of every correction
+    # was checked and answered exactly by this version's weights (None: not all were)
+    verified: str | None = None
 
     @classmethod
     def from_embeddings(
@@ -120,6 +123,8 @@ class Scope:
         }
         if self.notes is not None:
             meta["notes"] = json.dumps(self.notes)
+        if self.verified is not None:
+            meta["verified"] = self.verified
         tensors = {"keys": self.keys.contiguous(), "center": self.center.contiguous()}
         if self.scale is not None:
             tensors["scale"] = self.scale.contiguous()
@@ -149,6 +154,7 @@ class Scope:
             layer=int(meta["layer"]),
             scale=scale,
             notes=notes,
+            verified=meta.get("verified") or None,
         )
 
 

@@ -150,6 +150,10 @@ def test_notes_round_trip_one_per_key(tmp_path: Path) -> None:
     inside, nearest = loaded.nearest(held)
     assert inside.all() and nearest.tolist() == [0, 1, 2]  # each rewording: its own key
     assert [loaded.note(i) for i in nearest.tolist()] == scope.notes
+    assert loaded.verified is None  # not set: nothing is claimed about the weights
+    scope.verified = "0123abcd"
+    scope.save(tmp_path)
+    assert Scope.load(tmp_path).verified == "0123abcd"
 
 
 @pytest.mark.parametrize("notes", ['["only one"]', '["a", "b", ""]', "not json", '{"a": 1}'])

@@ -209,32 +209,65 @@ def test_a_new_version_starts_from_the_live_one(tiny: tuple[Any, Any], tmp_path:
 
 
 def test_no_step_when_the_live_version_already_answers_the_new_corrections(
-    tiny: tuple[Any, Any], tmp_path: Path
+    tiny: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import learner.train as train_module
+    from learner.dataset import expand
+
     model, tok = tiny
     cat = TrainExample(prompt=CAT.prompt, answer="Pixel.", correction_id=1)
     live = train_adapter(model, tok, [cat], FAST, tmp_path / "v1", general_prompts=GENERAL)
+    assert live.learned and Scope.load(Path(live.adapter_dir)).verified is not None
+    checked: list[int] = []  # how many phrasings each exactness check was given
+    real_first_miss = train_module.first_miss
+
+    def counting(model: Any, items: list[Any], **kw: Any) -> int | None:
+        checked.append(len(items))
+        return real_first_miss(model, items, **kw)
+
+    monkeypatch.setattr(train_module, "first_miss", counting)
     # the same fact corrected again (say, from another conversation): nothing left to learn
     again = dataclasses.replace(cat, correction_id=2)
     seen: list[dict[str, Any]] = []
-    result = train_adapter(
-        model,
-        tok,
-        [cat, again],
-        FAST,
-        tmp_path / "v2",
-        general_prompts=GENERAL,
-        progress=seen.append,
-        start_from=live.adapter_dir,
-        new_ids={2},
-    )
-    assert live.learned and result.learned and result.resumed
+
+    def resume(config: TrainConfig, name: str) -> Any:
+        checked.clear()
+        return train_adapter(
+            model,
+            tok,
+            [cat, again],
+            config,
+            tmp_path / name,
+            general_prompts=GENERAL,
+            progress=seen.append,
+            start_from=live.adapter_dir,
+            new_ids={2},
+        )
+
+    result = resume(FAST, "v2")
+    assert result.learned and result.resumed
     assert result.steps == 0 and result.losses == [] and seen == []
     assert result.phases["checks"] > 0 and "steps" in result.phases
+    # these weights answered the old phrasings under these prompts already: only the new ones
+    # are checked, and the new version is verified in turn
+    per_correction = len(expand(again, FAST.system_prompt, notes=FAST.notes))
+    assert checked == [per_correction]
+    assert (
+        Scope.load(Path(result.adapter_dir)).verified == Scope.load(Path(live.adapter_dir)).verified
+    )
     old = load_file(str(Path(live.adapter_dir) / "adapter_model.safetensors"))
     new = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     assert Scope.load(Path(result.adapter_dir)).keys.shape[0] == 2  # the new scope is written
+
+    # other prompts (here: another system prompt) mean nothing is known: all are checked
+    other = resume(dataclasses.replace(FAST, system_prompt="another"), "v3")
+    assert checked[0] == 2 * per_correction
+    from learner.gate import prompts_key
+
+    theirs = prompts_key(model, tok, "another", FAST.notes)
+    assert theirs != Scope.load(Path(live.adapter_dir)).verified
+    assert Scope.load(Path(other.adapter_dir)).verified == (theirs if other.learned else None)
 
 
 def test_a_resumed_run_sees_every_new_phrasing_each_step_and_each_old_one_per_epoch(
