@@ -274,16 +274,11 @@ def train_adapter(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     newest_first = sorted(examples, key=lambda ex: not _is_new(ex, new_ids))
+    expanded = [(ex, expand(ex, config.system_prompt, notes=config.notes)) for ex in newest_first]
     probes = [  # what the early-stop check scores: the likeliest misses first
-        encode(tokenizer, p.messages, p.answer)
-        for ex in newest_first
-        for p in expand(ex, config.system_prompt, notes=config.notes)
+        encode(tokenizer, p.messages, p.answer) for _, pairs in expanded for p in pairs
     ]
-    new_probes = sum(  # the first ones
-        len(expand(ex, config.system_prompt, notes=config.notes))
-        for ex in examples
-        if _is_new(ex, new_ids)
-    )
+    new_probes = sum(len(pairs) for ex, pairs in expanded if _is_new(ex, new_ids))  # the first
     fingerprint = prompts_key(model, tokenizer, config.system_prompt, config.notes)
     negatives = list(general_prompts) if general_prompts is not None else general_fit_prompts()
     scope, scope_metrics = fit_scope(model, tokenizer, examples, negatives, notes=config.notes)
