@@ -62,6 +62,7 @@ class LearnerConfig:
     model: str = field(default="bundled", metadata=_help("Base model, as in model.loading."))
     device: str = field(default="auto", metadata=_help("Device the trainer uses."))
     dtype: str = field(default="auto", metadata=_help("Base weight dtype for training."))
+    packed: bool = field(default=True, metadata=_help("GGUF 4-bit layers on their kernels."))
     model_cache_dir: Path | None = field(default=None, metadata=_help("Converted GGUF cache."))
     gate_cache_dir: Path | None = field(
         default=None, metadata=_help("Gate's base reference answers; default <data>/gate-cache.")
@@ -192,6 +193,7 @@ class LearnerControl:
                     "model": config.model,
                     "device": config.device,
                     "dtype": config.dtype,
+                    "packed": config.packed,
                     "cache_dir": str(config.model_cache_dir) if config.model_cache_dir else None,
                     "gate_cache_dir": str(config.gate_cache),
                     "system_prompt": config.system_prompt,

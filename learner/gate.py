@@ -25,6 +25,7 @@ import torch
 from learner.dataset import encode, framed, question_set
 from learner.forced import Scored, perplexity, score
 from learner.types import GateReport, TrainExample
+from model.packed import numerics
 from model.scope import Scope, embed_questions, fact_note
 
 REFERENCE_TOKENS = 32  # base answers are compared on their first 32 tokens
@@ -94,6 +95,7 @@ def _model_key(model: Any, tokenizer: Any, system_prompt: str) -> str:
         str(getattr(tokenizer, "chat_template", "")),
         system_prompt,
         str(REFERENCE_TOKENS),
+        numerics(model),
     ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 

@@ -248,6 +248,7 @@ async def train_and_publish(
         model=cfg.model,
         device=cfg.device,
         dtype=cfg.dtype,
+        packed=cfg.packed,
         cache_dir=str(cfg.model_cache_dir) if cfg.model_cache_dir else None,
         gate_cache_dir=str(cfg.gate_cache),
         floors=cfg.floors(),

@@ -54,6 +54,7 @@ class TrainSpec:
     model: str = "bundled"
     device: str = "auto"
     dtype: str = "auto"
+    packed: bool = True  # GGUF 4-bit layers on their kernels (model.packed)
     cache_dir: str | None = None  # converted base model cache
     gate_cache_dir: str | None = None  # the gate's base-model reference answers
     floors: dict[str, float] = field(default_factory=dict)
@@ -329,7 +330,9 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     from learner.train import train_adapter
     from learner.types import GateReport, LoraShape, TrainConfig, TrainExample
 
-    model, tokenizer = base_model(spec["model"], spec["device"], spec["dtype"], spec["cache_dir"])
+    model, tokenizer = base_model(
+        spec["model"], spec["device"], spec["dtype"], spec["cache_dir"], spec.get("packed", True)
+    )
 
     def example(fields: dict[str, Any]) -> TrainExample:
         return TrainExample(**{**fields, "rewordings": tuple(fields.get("rewordings", ()))})
@@ -374,11 +377,15 @@ def train_and_gate(spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def base_model(model: str, device: str, dtype: str, cache_dir: str | None) -> tuple[Any, Any]:
+def base_model(
+    model: str, device: str, dtype: str, cache_dir: str | None, packed: bool = True
+) -> tuple[Any, Any]:
     """The base model and tokenizer, loaded once per child (a warm child keeps them)."""
     from model.loading import load_base_model
 
-    loaded, tokenizer, _ = load_base_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+    loaded, tokenizer, _ = load_base_model(
+        model, device=device, dtype=dtype, cache_dir=cache_dir, packed=packed
+    )
     return loaded, tokenizer
 
 
@@ -475,7 +482,11 @@ def _serve(emit: Emit) -> int:
         if op == "load":
             try:
                 model, tokenizer = base_model(
-                    request["model"], request["device"], request["dtype"], request.get("cache_dir")
+                    request["model"],
+                    request["device"],
+                    request["dtype"],
+                    request.get("cache_dir"),
+                    request.get("packed", True),
                 )
                 if request.get("gate_cache_dir"):
                     prepare_checks(

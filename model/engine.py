@@ -88,6 +88,7 @@ class LocalEngine(InferenceEngine):
         max_batch_size: int = 16,
         max_resident_adapters: int = 32,
         load_in_4bit: bool = False,
+        packed: bool = True,
         gathered_lora: bool = True,
         lora_stack_mb: int = 512,
         loaded: tuple[Any, Any] | None = None,
@@ -97,6 +98,7 @@ class LocalEngine(InferenceEngine):
         `gathered_lora`: rows on different adapters share two batched matmuls per LoRA layer
         (`model.gathered`); off, peft's mixed-batch forward loops over the batch's adapters.
         `lora_stack_mb`: memory for those stacks between decode steps (more: restacked per step).
+        `packed`: a GGUF model's 4-bit layers run on their own blocks on CPU (`model.packed`).
         """
         if max_batch_size < 1 or max_resident_adapters < 1:
             raise ValueError("max_batch_size and max_resident_adapters must be at least 1")
@@ -104,6 +106,7 @@ class LocalEngine(InferenceEngine):
         self.model_name = model
         self.device, self.dtype, self.cache_dir = device, dtype, cache_dir
         self.load_in_4bit = load_in_4bit
+        self.packed = packed
         self.gathered_lora = gathered_lora
         self.lora_stack_bytes = max(0, lora_stack_mb) << 20
         self.max_batch_size = max_batch_size
@@ -134,6 +137,7 @@ class LocalEngine(InferenceEngine):
                 dtype=self.dtype,
                 cache_dir=self.cache_dir,
                 load_in_4bit=self.load_in_4bit,
+                packed=self.packed,
             )
             self.model_name = source.name
         else:

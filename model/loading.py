@@ -129,18 +129,22 @@ def load_base_model(
     dtype: str = "auto",
     cache_dir: str | Path | None = None,
     load_in_4bit: bool = False,
+    packed: bool = True,
 ) -> tuple[Any, Any, ModelSource]:
     """Return (model, tokenizer, source) ready for inference (eval mode, on `device`).
 
     GGUF weights are converted once and cached under `cache_dir`. `load_in_4bit` needs CUDA
-    and bitsandbytes (the `gpu` extra); it is ignored, with a warning, on CPU.
+    and bitsandbytes (the `gpu` extra); it is ignored, with a warning, on CPU. `packed`: on
+    CPU, a GGUF's 4-bit layers compute from their own blocks (`model.packed`); the rest of
+    the model is then fp32 unless `dtype` says otherwise.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     source = resolve_model(model)
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(torch_device, dtype)
+    pack = packed and bool(source.gguf_file) and torch_device.type == "cpu"
+    torch_dtype = torch.float32 if pack and dtype == "auto" else pick_dtype(torch_device, dtype)
     hf_logging.enable_progress_bar()
 
     load_path, kwargs = source.path, dict[str, Any]()
@@ -183,9 +187,40 @@ def load_base_model(
         _write_cache(hf_model, tokenizer, cached)
     if "quantization_config" not in kwargs:
         hf_model = hf_model.to(device=torch_device, dtype=torch_dtype)
+    if pack:
+        _pack(hf_model, source, cached)
     hf_model.eval()
     tokenizer.padding_side = "left"
     return hf_model, tokenizer, source
+
+
+def _pack(model: Any, source: ModelSource, cached: Path | None) -> None:
+    """Put the GGUF's 4-bit layers on their kernels; its blocks are cached beside the
+    converted weights (reading them from the GGUF file means parsing its whole vocabulary)."""
+    from model.packed import load_blocks, pack_gguf, read_blocks, save_blocks
+
+    if next(model.parameters()).dtype != torch.float32:
+        log.warning("4-bit kernels need an fp32 model; %s stays dense", source.name)
+        return
+    path = cached / "gguf-blocks.safetensors" if cached is not None else None
+    if path is not None and path.is_file():
+        blocks = load_blocks(path)
+    else:
+        blocks = read_blocks(Path(source.path) / str(source.gguf_file))
+        if path is not None and path.parent.is_dir():
+            tmp = path.with_suffix(".tmp")
+            save_blocks(blocks, tmp)
+            os.replace(tmp, path)
+    report = pack_gguf(model, blocks)
+    log.info(
+        "%s: %d linear layers%s on 4-bit kernels (%.1fs)",
+        source.name,
+        report.layers,
+        " and the output layer" if report.head else "",
+        report.seconds,
+    )
+    if report.skipped:
+        log.info("left dense: %s", ", ".join(report.skipped[:5]))
 
 
 def describe(model: Any) -> dict[str, Any]:

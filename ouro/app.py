@@ -41,6 +41,7 @@ def make_engine(settings: Settings) -> InferenceEngine:
         max_batch_size=settings.max_batch_size,
         max_resident_adapters=settings.max_resident_adapters,
         load_in_4bit=settings.load_in_4bit,
+        packed=settings.packed_weights,
         gathered_lora=settings.gathered_lora,
         lora_stack_mb=settings.lora_stack_mb,
     )
@@ -55,6 +56,7 @@ def learner_config(settings: Settings, *, in_process: bool | None = None) -> Any
         model=settings.model,
         device=settings.device,
         dtype=settings.dtype,
+        packed=settings.packed_weights,
         model_cache_dir=settings.model_cache_dir,
         system_prompt=settings.system_prompt,
         lora_r=settings.lora_r,

@@ -110,16 +110,26 @@ async def register_adapters(
 
 
 async def bench_decode(
-    engine: InferenceEngine, model: Any, tokenizer: Any, gguf: Path | None, tokens: int
+    engine: InferenceEngine,
+    model: Any,
+    tokenizer: Any,
+    gguf: Path | None,
+    tokens: int,
+    dense: Any = None,
 ) -> dict[str, Any]:
+    """Engine against `generate` on the same model, on the `dense` (dequantised) model when
+    the engine's is packed, and llama.cpp on the GGUF file."""
     await engine.generate(request(0, None, 4))  # warm-up
     eng = await timed_batch(engine, [None], tokens)
     plain = plain_generate(model, tokenizer, tokens)
+    unpacked = plain_generate(dense, tokenizer, tokens) if dense is not None else None
     cpp = llama_cpp_generate(gguf, tokens) if gguf else None
     return {
         "engine_tok_s": eng.rate,
         "generate_tok_s": plain.rate,
         "engine_vs_generate": eng.rate / plain.rate if plain.rate else None,
+        "dense_generate_tok_s": unpacked.rate if unpacked else None,
+        "engine_vs_dense_generate": eng.rate / unpacked.rate if unpacked else None,
         "llama_cpp_tok_s": cpp.rate if cpp else None,
         "engine_vs_llama_cpp": (eng.rate / cpp.rate) if cpp and cpp.rate else None,
     }

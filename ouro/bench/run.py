@@ -98,6 +98,7 @@ async def run_benchmarks(
         device=settings.device,
         dtype=settings.dtype,
         cache_dir=settings.model_cache_dir,
+        packed=settings.packed_weights,
     )
     engine = LocalEngine(
         model=settings.model,
@@ -107,13 +108,24 @@ async def run_benchmarks(
         adapters_dir=adapters_dir,
         max_batch_size=max(32, settings.max_batch_size),
         max_resident_adapters=settings.max_resident_adapters,
+        packed=settings.packed_weights,
     )
     async with engine:
         if "decode" in chosen:
             gguf = Path(resolve_model(settings.model).path) / BUNDLED_GGUF
+            dense = None
+            if source.gguf_file and settings.packed_weights:  # the dequantised model, to compare
+                dense, _, _ = load_base_model(
+                    settings.model,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    cache_dir=settings.model_cache_dir,
+                    packed=False,
+                )
             row = await eb.bench_decode(
-                engine, base_model, tokenizer, gguf if gguf.exists() else None, tokens
+                engine, base_model, tokenizer, gguf if gguf.exists() else None, tokens, dense
             )
+            del dense
             report.add("1. Single-user decode", table([row]))
         if "concurrency" in chosen:
             rows = await eb.bench_concurrency(engine, base_model, adapters_dir, counts, tokens)
@@ -137,6 +149,7 @@ async def run_benchmarks(
             adapters_dir=adapters_dir,
             max_batch_size=settings.max_batch_size,
             max_resident_adapters=16,
+            packed=settings.packed_weights,
         )
         async with small:
             row = await eb.bench_many_adapters(

@@ -146,7 +146,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled(model_cache: Path) -> Iterator[tuple[Any, Any]]:
-    """The real bundled SmolLM2 (fp32, CPU), loaded once per session for slow tests."""
+    """The real bundled SmolLM2 (fp32, CPU, 4-bit kernels), loaded once per session for slow
+    tests."""
     from model.loading import load_base_model
 
     model, tok, _ = load_base_model(cache_dir=model_cache, device="cpu", dtype="float32")
