@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 GROUP = 32  # Q4_1 and Q8_0 block size, and the kernel's group size
 KERNEL_ROWS = 16  # rows per kernel call (its rows are independent up to 16)
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_q": ("self_attn", "q_proj"),
     "attn_k": ("self_attn", "k_proj"),
     "attn_v": ("self_attn", "v_proj"),
@@ -300,7 +300,7 @@ def pack_gguf(model: Any, blocks: dict[str, Blocks]) -> PackReport:
         return report
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     for i, layer in enumerate(layers):
-        for short, (part, name) in _BLOCK_NAMES.items():
+        for short, (part, name) in BLOCK_NAMES.items():
             tensor = blocks.get(f"blk.{i}.{short}.weight")
             parent = getattr(layer, part, None)
             linear = getattr(parent, name, None)

@@ -11,21 +11,20 @@ import pytest
 import torch
 
 from model import packed
-from model.packed import Blocks, PackedHead, PackedLinear, load_blocks, pack_gguf, save_blocks
+from model.packed import (
+    BLOCK_NAMES,
+    Blocks,
+    PackedHead,
+    PackedLinear,
+    load_blocks,
+    pack_gguf,
+    save_blocks,
+)
 from tests.model.conftest import build_model
 
 pytestmark = pytest.mark.skipif(not packed.kernel_available(), reason="no int4 CPU kernel")
 
 VOCAB = 272  # a multiple of 16, as the kernel needs
-GGUF_NAMES = {
-    "attn_q": ("self_attn", "q_proj"),
-    "attn_k": ("self_attn", "k_proj"),
-    "attn_v": ("self_attn", "v_proj"),
-    "attn_output": ("self_attn", "o_proj"),
-    "ffn_gate": ("mlp", "gate_proj"),
-    "ffn_up": ("mlp", "up_proj"),
-    "ffn_down": ("mlp", "down_proj"),
-}
 
 
 def q4_1_blocks(rows: int, cols: int, rng: np.random.Generator) -> tuple[Blocks, np.ndarray]:
@@ -62,7 +61,7 @@ def gguf_like(model: Any, seed: int = 0) -> dict[str, Blocks]:
     rng = np.random.default_rng(seed)
     blocks: dict[str, Blocks] = {}
     for i, layer in enumerate(model.model.layers):
-        for short, (part, name) in GGUF_NAMES.items():
+        for short, (part, name) in BLOCK_NAMES.items():
             linear = getattr(getattr(layer, part), name)
             rows, cols = linear.weight.shape
             tensor, weights = q4_1_blocks(rows, cols, rng)
