@@ -14,16 +14,83 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+GROW = 64  # spare cache columns reserved at a time: a buffer is copied once per 64 steps
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends in place.
+
+    DynamicLayer concatenates on every update, copying the layer's whole cache for each new
+    token (for 16 rows of 300 tokens, 2 x 30 copies of a few MB per decode step). Here `keys`
+    and `values` are views of buffers with `GROW` spare columns, so a decode step writes one
+    column; the buffers are copied only when they fill up, or when the batch's rows change
+    (`assign`).
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        used, new = self.get_seq_length(), key_states.shape[-2]
+        buffers = self._buffers
+        if buffers is None or used + new > buffers[0].shape[-2]:
+            buffers = self._buffers = (
+                _reserve(self.keys, key_states, used + new + GROW),
+                _reserve(self.values, value_states, used + new + GROW),
+            )
+        keys, values = buffers
+        keys[:, :, used : used + new].copy_(key_states)
+        values[:, :, used : used + new].copy_(value_states)
+        self.keys, self.values = keys[:, :, : used + new], values[:, :, : used + new]
+        return self.keys, self.values
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the cached states (rows joined or left): the next update copies them."""
+        self.keys, self.values, self._buffers = keys, values, None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            assert self.keys is not None and self.values is not None
+            self.assign(self.keys[indices, ...], self.values[indices, ...])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            assert self.keys is not None and self.values is not None
+            self.assign(
+                self.keys.repeat_interleave(repeats, dim=0),
+                self.values.repeat_interleave(repeats, dim=0),
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._buffers = None
+
+
+def _reserve(cached: torch.Tensor, new: torch.Tensor, columns: int) -> torch.Tensor:
+    """A [batch, heads, columns, dim] buffer starting with the `cached` states."""
+    batch, heads, _, dim = new.shape
+    buffer = torch.empty((batch, heads, columns, dim), dtype=new.dtype, device=new.device)
+    if cached.numel():
+        buffer[:, :, : cached.shape[-2]].copy_(cached)
+    return buffer
+
 
 class KVBatch:
-    """A DynamicCache plus the 2-D attention mask that says which cached columns are real."""
+    """A cache of GrowingLayers plus the 2-D attention mask that says which cached columns
+    are real."""
 
     def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
+            if not isinstance(layer, GrowingLayer):
                 raise TypeError(f"continuous batching needs full-attention layers, not {layer}")
         self.cache = cache
-        self.layers: list[Any] = list(cache.layers)
+        self.layers: list[GrowingLayer] = list(cache.layers)  # type: ignore[arg-type]
         self.mask = mask  # [B, L] long
 
     @property
@@ -45,9 +112,9 @@ class KVBatch:
         width = max(self.length, other.length)
         mine, theirs = self.length, other.length
         for a, b in zip(self.layers, other.layers, strict=True):
-            a.keys = torch.cat([_pad_left(a.keys, width - mine), _pad_left(b.keys, width - theirs)])
-            a.values = torch.cat(
-                [_pad_left(a.values, width - mine), _pad_left(b.values, width - theirs)]
+            a.assign(
+                torch.cat([_pad_left(a.keys, width - mine), _pad_left(b.keys, width - theirs)]),
+                torch.cat([_pad_left(a.values, width - mine), _pad_left(b.values, width - theirs)]),
             )
         self.mask = torch.cat(
             [_pad_mask(self.mask, width - mine), _pad_mask(other.mask, width - theirs)]
@@ -57,9 +124,8 @@ class KVBatch:
         """Keep only rows `keep` (finished and cancelled rows leave), then trim padding columns."""
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         for layer in self.layers:
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+            if layer.keys is not None and layer.values is not None and layer.keys.numel():
+                layer.assign(layer.keys.index_select(0, index), layer.values.index_select(0, index))
         self.mask = self.mask.index_select(0, index)
         self.trim()
 
@@ -72,9 +138,8 @@ class KVBatch:
         if start == 0:
             return
         for layer in self.layers:
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys[:, :, start:, :]
-                layer.values = layer.values[:, :, start:, :]
+            if layer.keys is not None and layer.values is not None and layer.keys.numel():
+                layer.assign(layer.keys[:, :, start:, :], layer.values[:, :, start:, :])
         self.mask = self.mask[:, start:]
 
 
@@ -154,4 +219,9 @@ class Detokenizer:
 
 
 def new_cache(config: Any) -> DynamicCache:
-    return DynamicCache(config=config)
+    """A cache for `config`'s layers, with GrowingLayers where they are full attention (a
+    cache with other layers cannot join a KVBatch)."""
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache

@@ -90,6 +90,7 @@ class LocalEngine(InferenceEngine):
         load_in_4bit: bool = False,
         packed: bool = True,
         gathered_lora: bool = True,
+        lean_decode: bool = True,
         lora_stack_mb: int = 512,
         loaded: tuple[Any, Any] | None = None,
     ) -> None:
@@ -97,6 +98,7 @@ class LocalEngine(InferenceEngine):
 
         `gathered_lora`: rows on different adapters share two batched matmuls per LoRA layer
         (`model.gathered`); off, peft's mixed-batch forward loops over the batch's adapters.
+        `lean_decode`: Llama decode steps skip transformers' forward machinery (`model.decode`).
         `lora_stack_mb`: memory for those stacks between decode steps (more: restacked per step).
         `packed`: a GGUF model's 4-bit layers run on their own blocks on CPU (`model.packed`).
         """
@@ -108,6 +110,7 @@ class LocalEngine(InferenceEngine):
         self.load_in_4bit = load_in_4bit
         self.packed = packed
         self.gathered_lora = gathered_lora
+        self.lean_decode = lean_decode
         self.lora_stack_bytes = max(0, lora_stack_mb) << 20
         self.max_batch_size = max_batch_size
         self.adapters_dir = Path(adapters_dir)
@@ -150,6 +153,7 @@ class LocalEngine(InferenceEngine):
         self.tokenizer = tokenizer
         self._host = LoraHost(model, self.registry.max_resident)
         self._host.gather.enabled = self.gathered_lora
+        self._host.lean_enabled = self.lean_decode
         self._host.gather.max_bytes = self.lora_stack_bytes
         self._worker = Worker(
             self._host, tokenizer, self.registry, self.adapters_dir, self.max_batch_size
@@ -243,6 +247,13 @@ class LocalEngine(InferenceEngine):
         if self._host is not None:
             host = self._host
             await self._call(lambda: setattr(host.gather, "enabled", on))
+
+    async def set_lean_decode(self, on: bool) -> None:
+        """Switch between the lean decode step and the model's forward (benchmarks)."""
+        self.lean_decode = on
+        if self._host is not None:
+            host = self._host
+            await self._call(lambda: setattr(host, "lean_enabled", on))
 
     def adapter_load_seconds(self) -> list[float]:
         """How long recent adapter loads took in the worker (attach only, not file reads)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -63,10 +62,13 @@ class Gather:
         self.enabled = True
         self._key: tuple[int, tuple[str, ...]] | None = None
         self._layers: list[tuple[Any, _Layer]] | None = None
+        self.forget()
         self.counts = {"gathered": 0, "peft": 0}
 
     def forget(self) -> None:
         self._key, self._layers = None, None
+        self._routed_for: tuple[Any, ...] | None = None
+        self._routed: dict[int, Routed] | None = None
 
     def plan(self, modules: list[Any], names: list[str]) -> list[tuple[Any, _Layer]] | None:
         """The layers to hook for these rows' adapters, or None when peft's path must run."""
@@ -81,42 +83,87 @@ class Gather:
             self.forget()
         return layers
 
-    @contextlib.contextmanager
-    def rows(self, modules: list[Any], names: list[str]) -> Iterator[bool]:
-        """Within: row i of the next forward goes through adapter names[i] ("__base__": none).
-
-        Yields False (and changes nothing) when the batch needs peft's per-row path.
-        """
+    def routed(self, modules: list[Any], names: list[str]) -> dict[int, Routed] | None:
+        """Per LoRA module (by id) touched by these rows' adapters, its delta for the batch;
+        None when the batch needs peft's per-row path."""
         layers = self.plan(modules, names) if self.enabled else None
         if layers is None:
             self.counts["peft"] += 1
-            yield False
-            return
+            return None
         self.counts["gathered"] += 1
+        key = (id(modules), *names)  # decode steps repeat their rows until one joins or leaves
+        if key == self._routed_for and self._layers is layers and self._routed is not None:
+            return self._routed
         distinct = list(dict.fromkeys(n for n in names if n != BASE))
+        if not distinct:
+            return {}
         position = {name: i for i, name in enumerate(distinct)}
         index = [position.get(n, len(distinct)) for n in names]  # the zero pair last
         # all rows on one adapter: plain matmuls; else gather per row (skip it when aligned)
         single = len(distinct) == 1 and BASE not in names
         aligned = index == list(range(len(names)))
         rows = None if single or aligned else torch.tensor(index)
+        routed = {id(module): Routed(layer, rows, single, len(names)) for module, layer in layers}
+        self._routed_for, self._routed = key, routed
+        return routed
+
+    @contextlib.contextmanager
+    def rows(self, modules: list[Any], names: list[str]) -> Iterator[bool]:
+        """Within: row i of the next forward goes through adapter names[i] ("__base__": none).
+
+        Yields False (and changes nothing) when the batch needs peft's per-row path.
+        """
+        routed = self.routed(modules, names)
+        if routed is None:
+            yield False
+            return
         handles = []
         saved = [(m, m._disable_adapters) for m in modules]
         try:
             for module in modules:
                 module._disable_adapters = True  # peft runs the base layer only
-            if distinct:
-                for module, layer in layers:
-                    hook = partial(
-                        _add_delta, layer=layer, rows=rows, single=single, batch=len(names)
-                    )
-                    handles.append(module.register_forward_hook(hook))
+                delta = routed.get(id(module))
+                if delta is not None:
+                    handles.append(module.register_forward_hook(delta.hook))
             yield True
         finally:
             for handle in handles:
                 handle.remove()
             for module, flag in saved:
                 module._disable_adapters = flag
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One LoRA layer's delta for one batch: row i through the stacks' entry rows[i]."""
+
+    layer: _Layer
+    rows: torch.Tensor | None  # None: row i uses entry i (or entry 0 for all, when single)
+    single: bool  # every row on the same adapter
+    batch: int
+
+    def add(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` (the base layer's, for input `x`) plus each row's LoRA delta."""
+        layer = self.layer
+        x = x.to(layer.a.dtype)
+        if self.single:
+            delta = (x @ layer.a[0].T) @ layer.b[0].T * layer.scale[0]
+            return output + delta.to(output.dtype)
+        batch = self.batch
+        if x.dim() < 2 or x.shape[0] != batch:  # rows must stay rows: [batch, ..., features]
+            raise RuntimeError(f"gathered LoRA got input {tuple(x.shape)} for {batch} rows")
+        a, b, scale = layer.a, layer.b, layer.scale
+        if self.rows is not None:
+            a, b, scale = a[self.rows], b[self.rows], scale[self.rows]
+        else:
+            a, b, scale = a[:batch], b[:batch], scale[:batch]
+        flat = x.reshape(batch, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        delta = delta * scale.view(batch, 1, 1)
+        return output + delta.reshape(output.shape).to(output.dtype)
+
+    def hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return self.add(args[0], output)
 
 
 def _layers(modules: list[Any], distinct: tuple[str, ...]) -> list[tuple[Any, _Layer]] | None:
@@ -147,30 +194,3 @@ def _layers(modules: list[Any], distinct: tuple[str, ...]) -> list[tuple[Any, _L
                     scale[i] = float(module.scaling[name])
         layers.append((module, _Layer(a, b, scale)))
     return layers
-
-
-def _add_delta(
-    module: Any,
-    args: tuple[Any, ...],
-    output: torch.Tensor,
-    *,
-    layer: _Layer,
-    rows: torch.Tensor | None,
-    single: bool,
-    batch: int,
-) -> torch.Tensor:
-    x = args[0].to(layer.a.dtype)
-    if single:
-        delta = (x @ layer.a[0].T) @ layer.b[0].T * layer.scale[0]
-        return output + delta.to(output.dtype)
-    if x.dim() < 2 or x.shape[0] != batch:  # rows must stay rows: [batch, ..., features]
-        raise RuntimeError(f"gathered LoRA got input {tuple(x.shape)} for {batch} rows")
-    a, b, scale = layer.a, layer.b, layer.scale
-    if rows is not None:
-        a, b, scale = a[rows], b[rows], scale[rows]
-    else:
-        a, b, scale = a[:batch], b[:batch], scale[:batch]
-    flat = x.reshape(batch, -1, x.shape[-1])
-    delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-    delta = delta * scale.view(batch, 1, 1)
-    return output + delta.reshape(output.shape).to(output.dtype)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from model.decode import lean_decoder
 from model.gathered import BASE, Gather
 from model.interface import AdapterLoadError
 from model.registry import AdapterFiles
@@ -118,6 +119,9 @@ class LoraHost:
         self._layouts: dict[str, Layout | None] = {}  # shape key -> the weights it takes
         self.counts = Counter[str]()  # "reused" and "created" slots
         self.gather = Gather()
+        self.lean = lean_decoder(unwrap(model))  # None: every step runs the model's forward
+        self.lean_enabled = True
+        self.steps = Counter[str]()  # decode steps by path: "lean" or "forward"
 
     def forward(self, names: list[str], **kwargs: Any) -> Any:
         """One forward of the transformers model, row i through slot names[i] ("__base__": none).
@@ -126,6 +130,36 @@ class LoraHost:
         mixed-batch path; both compute the same thing.
         """
         return forward(self.model, self.modules, names, gather=self.gather, **kwargs)
+
+    def decode(
+        self,
+        names: list[str],
+        *,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Logits [rows, vocab] of one decode step (one new token per row, row i through
+        slot names[i]): `model.decode`'s lean step where it applies, else `forward`."""
+        if self.lean is not None and self.lean_enabled:
+            routed = self.gather.routed(self.modules, names) if self.modules else {}
+            if routed is not None and self.lean.covers(self.modules, routed):
+                self.steps["lean"] += 1
+                return self.lean.step(
+                    self.modules, routed, input_ids, position_ids, attention_mask, cache
+                )
+        self.steps["forward"] += 1
+        out = self.forward(
+            names,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def attach(self, files: AdapterFiles) -> str:
         """Load an adapter's weights into a slot and return the slot's name (its peft name).

@@ -114,14 +114,14 @@ def dense_paths() -> Iterator[None]:
         _dense_only -= 1
 
 
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Everything without gradients to compute runs the kernel."""
     if _dense_only or x.device.type != "cpu":
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
 
 
-def _chunked(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int4_rows(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The kernel over 2-D x, KERNEL_ROWS rows per call: fast, and each row's result is the
     same bits whatever else is in the batch (the kernel's rows are independent up to 16)."""
     if x.shape[0] <= KERNEL_ROWS:
@@ -153,8 +153,8 @@ class PackedLinear(nn.Linear):
         self.register_buffer("scales", _scales_zeros(d, z), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_kernel(x, self.weight):
-            out = _chunked(x.reshape(-1, x.shape[-1]), self.packed, self.scales)
+        if use_kernel(x, self.weight):
+            out = int4_rows(x.reshape(-1, x.shape[-1]), self.packed, self.scales)
             out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             out = _round_bf16(F.linear(_round_bf16(x), self.weight.to(x.dtype)))
@@ -196,7 +196,7 @@ class PackedHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > KERNEL_ROWS or not _use_kernel(x, self.weight):
+        if rows > KERNEL_ROWS or not use_kernel(x, self.weight):
             return F.linear(x, self.weight.to(x.dtype), self.bias)
         flat = x.reshape(-1, x.shape[-1]).float()
         logits = self.exact_where_it_matters(flat)

@@ -347,14 +347,12 @@ class Worker:
         kv, rows = self._kv, self._rows
         device = kv.mask.device
         try:
-            mask = kv.step_mask()
-            out = self._host.forward(
+            logits = self._host.decode(
                 [r.name for r in rows],
                 input_ids=torch.tensor([[r.last] for r in rows], device=device),
-                attention_mask=mask,
                 position_ids=torch.tensor([[r.length] for r in rows], device=device),
+                attention_mask=kv.step_mask(),
                 cache=kv.cache,
-                use_cache=True,
             )
         except Exception as exc:
             log.exception("decode step failed; failing its %d requests", len(rows))
@@ -363,9 +361,9 @@ class Worker:
             self._rows, self._kv = [], None
             return
         self.batch_sizes[len(rows)] += 1
-        for row, logits in zip(rows, out.logits[:, -1, :], strict=True):
+        for row, row_logits in zip(rows, logits, strict=True):
             row.length += 1
-            self._emit(row, logits)
+            self._emit(row, row_logits)
         self._drop_finished()
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:

@@ -43,6 +43,7 @@ def make_engine(settings: Settings) -> InferenceEngine:
         load_in_4bit=settings.load_in_4bit,
         packed=settings.packed_weights,
         gathered_lora=settings.gathered_lora,
+        lean_decode=settings.lean_decode,
         lora_stack_mb=settings.lora_stack_mb,
     )
 

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Apply a batch's different adapters with batched matmuls (off: peft's "
         "per-adapter loop, slower with many adapters per batch).",
     )
+    lean_decode: bool = Field(
+        True,
+        description="Decode Llama models with the engine's lean step (the same numbers as "
+        "transformers' forward in far fewer operations; off: every step runs the forward).",
+    )
     lora_stack_mb: int = Field(
         512,
         ge=0,

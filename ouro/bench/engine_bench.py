@@ -118,20 +118,34 @@ async def bench_decode(
     dense: Any = None,
 ) -> dict[str, Any]:
     """Engine against `generate` on the same model, on the `dense` (dequantised) model when
-    the engine's is packed, and llama.cpp on the GGUF file."""
+    the engine's is packed, and llama.cpp on the GGUF file; and the engine's lean decode step
+    against its own transformers-forward step (two interleaved rounds each, averaged, since
+    the machines drift)."""
     await engine.generate(request(0, None, 4))  # warm-up
-    eng = await timed_batch(engine, [None], tokens)
+    local = engine if isinstance(engine, LocalEngine) and engine.lean_decode else None
+    lean = local is not None
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for on in (True, False, True, False) if lean else (False,):
+        if local is not None:
+            await local.set_lean_decode(on)
+        rates[on].append((await timed_batch(engine, [None], tokens)).rate)
+    if local is not None:
+        await local.set_lean_decode(True)
+    forward = statistics.mean(rates[False])
+    engine_rate = statistics.mean(rates[True]) if lean else forward
     plain = plain_generate(model, tokenizer, tokens)
     unpacked = plain_generate(dense, tokenizer, tokens) if dense is not None else None
     cpp = llama_cpp_generate(gguf, tokens) if gguf else None
     return {
-        "engine_tok_s": eng.rate,
+        "engine_tok_s": engine_rate,
+        "engine_forward_step_tok_s": forward if lean else None,
+        "lean_vs_forward_step": engine_rate / forward if lean and forward else None,
         "generate_tok_s": plain.rate,
-        "engine_vs_generate": eng.rate / plain.rate if plain.rate else None,
+        "engine_vs_generate": engine_rate / plain.rate if plain.rate else None,
         "dense_generate_tok_s": unpacked.rate if unpacked else None,
-        "engine_vs_dense_generate": eng.rate / unpacked.rate if unpacked else None,
+        "engine_vs_dense_generate": engine_rate / unpacked.rate if unpacked else None,
         "llama_cpp_tok_s": cpp.rate if cpp else None,
-        "engine_vs_llama_cpp": (eng.rate / cpp.rate) if cpp and cpp.rate else None,
+        "engine_vs_llama_cpp": (engine_rate / cpp.rate) if cpp and cpp.rate else None,
     }
 
 
@@ -148,11 +162,15 @@ async def bench_concurrency(
         await engine.deactivate(None)
         base = await timed_batch(engine, [None] * n, tokens)
         distinct = await timed_batch(engine, owners[:n], tokens)
-        peft_loop = None
+        peft_loop = forward_step = None
         if isinstance(engine, LocalEngine):  # the same batch through peft's per-adapter loop
             await engine.set_gathered_lora(False)
             peft_loop = await timed_batch(engine, owners[:n], tokens)
             await engine.set_gathered_lora(True)
+            if engine.lean_decode:  # and through transformers' forward instead of the lean step
+                await engine.set_lean_decode(False)
+                forward_step = await timed_batch(engine, owners[:n], tokens)
+                await engine.set_lean_decode(True)
         await engine.activate(AdapterSpec(f"conc-shared-{n}", str(shared_dir), owner=None))
         one = await timed_batch(engine, [f"nobody{i}" for i in range(n)], tokens)
         await engine.deactivate(None)
@@ -165,6 +183,7 @@ async def bench_concurrency(
                 "one_adapter_tok_s": one.rate,
                 "distinct_tok_s": distinct.rate,
                 "distinct_peft_loop_tok_s": peft_loop.rate if peft_loop else None,
+                "distinct_forward_step_tok_s": forward_step.rate if forward_step else None,
                 "distinct_vs_single_user": distinct.rate / single if single else None,
                 "distinct_cost": 1 - distinct.rate / one.rate if one.rate else None,
             }

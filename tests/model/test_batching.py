@@ -6,18 +6,47 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from model.batching import Detokenizer, KVBatch, left_pad, sample
+from model.batching import GROW, Detokenizer, GrowingLayer, KVBatch, left_pad, sample
 from model.lora import BASE, embed_base
 from model.scope import embed_questions
 
 
 def _kv(batch: int, length: int, fill: float, layers: int = 2) -> KVBatch:
-    data = [
-        (torch.full((batch, 2, length, 4), fill), torch.full((batch, 2, length, 4), -fill))
-        for _ in range(layers)
-    ]
-    return KVBatch(DynamicCache(data), torch.ones((batch, length), dtype=torch.long))
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer() for _ in range(layers)]
+    for i in range(layers):
+        keys = torch.full((batch, 2, length, 4), fill)
+        cache.update(keys, -keys, i)
+    return KVBatch(cache, torch.ones((batch, length), dtype=torch.long))
+
+
+def test_growing_layer_appends_in_place_and_matches_a_dynamic_layer() -> None:
+    grown, plain = GrowingLayer(), DynamicLayer()
+    steps = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, GROW, 1)]
+    buffers = []
+    for step in steps:
+        k, v = grown.update(step, step * 2)
+        pk, pv = plain.update(step, step * 2)
+        assert torch.equal(k, pk) and torch.equal(v, pv)
+        buffers.append(k.untyped_storage().data_ptr())
+    assert buffers[0] == buffers[1] == buffers[2]  # decode steps wrote into the same buffer
+    assert buffers[3] != buffers[2]  # it filled up: a bigger one, once
+    grown.assign(k[:1], v[:1])  # a row left
+    k, _ = grown.update(steps[-1][:1], steps[-1][:1])
+    assert torch.equal(k, torch.cat([pk[:1], steps[-1][:1]], dim=2))
+
+
+def test_a_batch_refuses_layers_it_cannot_grow() -> None:
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer()]
+    try:
+        KVBatch(cache, torch.ones((1, 1), dtype=torch.long))
+    except TypeError as exc:
+        assert "full-attention" in str(exc)
+    else:
+        raise AssertionError("a KVBatch accepted a layer it cannot append to in place")
 
 
 def test_merge_left_pads_the_shorter_side_and_select_trims() -> None:
