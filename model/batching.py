@@ -107,18 +107,22 @@ class KVBatch:
         self.mask = torch.cat([self.mask, ones], dim=1)
         return self.mask
 
-    def merge(self, other: KVBatch) -> None:
-        """Append `other`'s rows, left-padding whichever side is shorter."""
-        width = max(self.length, other.length)
-        mine, theirs = self.length, other.length
-        for a, b in zip(self.layers, other.layers, strict=True):
-            a.assign(
-                torch.cat([_pad_left(a.keys, width - mine), _pad_left(b.keys, width - theirs)]),
-                torch.cat([_pad_left(a.values, width - mine), _pad_left(b.values, width - theirs)]),
+    def merge(self, *others: KVBatch) -> None:
+        """Append the rows of `others`, left-padding every batch to the longest."""
+        batches = [self, *others]
+        width = max(b.length for b in batches)
+        pads = [width - b.length for b in batches]
+        for i, layer in enumerate(self.layers):
+            parts = [b.layers[i] for b in batches]
+            layer.assign(
+                torch.cat([_pad_left(p.keys, n) for p, n in zip(parts, pads, strict=True)]),
+                torch.cat([_pad_left(p.values, n) for p, n in zip(parts, pads, strict=True)]),
             )
-        self.mask = torch.cat(
-            [_pad_mask(self.mask, width - mine), _pad_mask(other.mask, width - theirs)]
-        )
+        self.mask = torch.cat([_pad_mask(b.mask, width - b.length) for b in batches])
+
+    def starts(self) -> list[int]:
+        """Per row, its first real column (rows are left-padded: real from there on)."""
+        return [int(n) for n in (self.mask == 0).sum(dim=1).tolist()]
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep` (finished and cancelled rows leave), then trim padding columns."""

@@ -5,19 +5,23 @@ capturing, the attention-interface registry, mask builders and, once adapters ar
 peft's LoRA modules and our hooks. For one new token per row on a CPU that machinery costs more
 than the arithmetic: a decode step of SmolLM2's 30 layers was about 7,000 small operations and
 Python calls. `LeanDecode.step` computes the same step from the same modules, with the same
-operations in the same order, so its logits are the same bits as the forward's (a test checks
-`torch.equal`, with padding and per-row adapters), but:
+operations in the same order, but:
 
 - q/k/v and gate/up of a packed model run as one 4-bit kernel call each (the kernel computes
   each output column on its own, so fusing changes no bit);
 - LoRA deltas come straight from the gathered stacks (`model.gathered.Routed`), without peft's
   modules or hooks;
-- the attention mask is built once per step, not once per layer;
+- a row attends over its own cache columns only, unmasked, as it would alone (a masked batch
+  call differs in the last bits, and bf16 kernel inputs can turn that into another answer);
 - the KV cache appends in place (`model.batching.GrowingLayer`, for both paths).
+
+So each row's logits are the same bits as that row's through transformers' forward with no
+other row beside it: tests check `torch.equal` for padded batches with per-row adapters.
 
 Only what it was checked against takes this path: `LlamaForCausalLM` (SmolLM2, Llama) with SDPA
 attention, and batches whose adapters the gathered path covers. Every other model and batch
-runs transformers' forward, which computes the same thing more slowly.
+runs transformers' forward, which computes the same thing more slowly (padded rows within
+the last bits of their unbatched values).
 """
 
 from __future__ import annotations
@@ -201,8 +205,8 @@ class LeanDecode:
         cos, sin = inner.rotary_emb(hidden, position_ids=position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rows, heads = input_ids.shape[0], self.heads
-        # transformers' SDPA mask for one query token: none when no column is padding
-        mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        padded = not bool(attention_mask.all())
+        starts = (attention_mask == 0).sum(dim=-1).tolist() if padded else None
         for layer, groups, ids in zip(inner.layers, self._groups, self._ids, strict=True):
             attn = layer.self_attn
             dim = attn.head_dim
@@ -222,7 +226,7 @@ class LeanDecode:
             k, v = cache.layers[attn.layer_idx].update(
                 qk[:, heads:], v.view(rows, 1, -1, dim).transpose(1, 2)
             )
-            out = self._attend(attn, qk[:, :heads], k, v, mask)
+            out = self._attend(attn, qk[:, :heads], k, v, starts)
             hidden = residual + _project(groups[1], ids[1], out, routed)[0]
             residual = hidden
             x = _rms_norm(layer.post_attention_layernorm, hidden)
@@ -239,30 +243,51 @@ class LeanDecode:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        mask: torch.Tensor | None,
+        starts: list[int] | None,
     ) -> torch.Tensor:
-        """`sdpa_attention_forward` for one query token, then the [rows, 1, features] input of
-        o_proj exactly as LlamaAttention builds it."""
+        """Attention for one query token per row, as the o_proj input [rows, 1, features].
+
+        `starts`: each row's first real cache column, or None when no row has padding. A row
+        attends over its own columns only, with no mask, one SDPA call per row: exactly the
+        computation of the row decoded alone (a masked batch call differs in the last bits,
+        which bf16 kernel inputs can turn into a different answer)."""
+        if starts is None:
+            out = self._alone(attn, query, key, value)
+        else:
+            out = torch.cat(
+                [
+                    self._alone(
+                        attn, query[i : i + 1], key[i : i + 1, :, s:], value[i : i + 1, :, s:]
+                    )
+                    for i, s in enumerate(starts)
+                ]
+            )
         rows, dim = query.shape[0], value.shape[-1]
+        out = out.reshape(rows, -1, 1, dim).transpose(1, 2).contiguous()
+        return out.reshape(rows, 1, -1).contiguous()
+
+    def _alone(
+        self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """transformers' `sdpa_attention_forward` for one query token and no mask."""
         groups = attn.num_key_value_groups
         options = {}
         if groups > 1:
-            if self._use_gqa(mask, key, value):
+            if self._use_gqa(None, key, value):
                 options["enable_gqa"] = True
             else:  # pack_gqa: the kv heads' query groups as a sequence
-                query = query.reshape(rows, query.shape[1] // groups, groups, dim)
-        out = F.scaled_dot_product_attention(
+                rows, heads, _, dim = query.shape
+                query = query.reshape(rows, heads // groups, groups, dim)
+        return F.scaled_dot_product_attention(
             query,
             key,
             value,
-            attn_mask=mask,
+            attn_mask=None,
             dropout_p=0.0,
             scale=attn.scaling,
             is_causal=False,
             **options,
         )
-        out = out.reshape(rows, -1, 1, dim).transpose(1, 2).contiguous()
-        return out.reshape(rows, 1, -1).contiguous()
 
 
 def _project(

@@ -143,17 +143,20 @@ class Routed:
     batch: int
 
     def add(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """`output` (the base layer's, for input `x`) plus each row's LoRA delta."""
-        layer = self.layer
+        """`output` (the base layer's, for input `x`) plus each row's LoRA delta.
+
+        Always one pair of batched matmuls, one matrix product per row, whether the batch
+        holds one adapter or many: a row's delta is then the same bits in any batch.
+        """
+        layer, batch = self.layer, self.batch
         x = x.to(layer.a.dtype)
-        if self.single:
-            delta = (x @ layer.a[0].T) @ layer.b[0].T * layer.scale[0]
-            return output + delta.to(output.dtype)
-        batch = self.batch
         if x.dim() < 2 or x.shape[0] != batch:  # rows must stay rows: [batch, ..., features]
             raise RuntimeError(f"gathered LoRA got input {tuple(x.shape)} for {batch} rows")
         a, b, scale = layer.a, layer.b, layer.scale
-        if self.rows is not None:
+        if self.single:
+            a, b = a[:1].expand(batch, -1, -1), b[:1].expand(batch, -1, -1)
+            scale = scale[:1].expand(batch)
+        elif self.rows is not None:
             a, b, scale = a[self.rows], b[self.rows], scale[self.rows]
         else:
             a, b, scale = a[:batch], b[:batch], scale[:batch]

@@ -311,26 +311,38 @@ class Worker:
 
     @torch.inference_mode()
     def _prefill(self, rows: list[_Row]) -> None:
-        ids, mask = left_pad([r.prompt for r in rows], int(self.tokenizer.pad_token_id))
+        """Prompts into the KV cache, and each row's first token.
+
+        On CPU each prompt runs alone: its cache and first logits are then the same bits as
+        if it had arrived alone (a padded batch computes its attention differently in the
+        last bits), and batching buys nothing there, since the kernels' cost grows with the
+        rows. Elsewhere (GPU) the newcomers prefill as one left-padded batch.
+        """
         device = next(self._host.model.parameters()).device
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache(self._host.model.config)
-        out = self._host.forward(
-            [r.name for r in rows],
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        batch = KVBatch(cache, mask.to(device))
+        groups = [[row] for row in rows] if device.type == "cpu" else [rows]
+        batches, first = [], []
+        for group in groups:
+            ids, mask = left_pad([r.prompt for r in group], int(self.tokenizer.pad_token_id))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = new_cache(self._host.model.config)
+            out = self._host.forward(
+                [r.name for r in group],
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            batches.append(KVBatch(cache, mask.to(device)))
+            first.extend(out.logits[:, -1, :])
         if self._kv is None or not self._rows:
-            self._kv = batch
-        else:
-            self._kv.merge(batch)
+            self._kv = batches[0]
+            batches = batches[1:]
+        if batches:
+            self._kv.merge(*batches)
         self._rows.extend(rows)
-        for row, logits in zip(rows, out.logits[:, -1, :], strict=True):
+        for row, logits in zip(rows, first, strict=True):
             row.length = len(row.prompt)
             self._emit(row, logits)
         self._drop_finished()
