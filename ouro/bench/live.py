@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from importlib import resources
@@ -123,6 +124,15 @@ async def _ask(service: Any, actor: Actor, question: str) -> str:
     return "".join([chunk async for chunk in answer])
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a converted-model file (read only here, ~0.5 GB each) where the filesystem
+    allows it, else copy it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 async def bench_correction_to_live(
     settings: Settings,
     workdir: Path,
@@ -135,7 +145,7 @@ async def bench_correction_to_live(
         data = workdir / f"live-{mode}-{count}"
         cache = data / "model-cache"
         if settings.model_cache_dir.exists() and not cache.exists():
-            shutil.copytree(settings.model_cache_dir, cache)
+            shutil.copytree(settings.model_cache_dir, cache, copy_function=_link_or_copy)
         run_settings = settings.model_copy(
             update={
                 "data_dir": data,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -167,4 +168,5 @@ async def run_benchmarks(
     if output:
         print(f"wrote {output}", file=sys.stderr)
     del source
+    shutil.rmtree(workdir, ignore_errors=True)  # adapters and per-run data folders: GBs
     return 0
