@@ -120,10 +120,6 @@ class KVBatch:
             )
         self.mask = torch.cat([_pad_mask(b.mask, width - b.length) for b in batches])
 
-    def starts(self) -> list[int]:
-        """Per row, its first real column (rows are left-padded: real from there on)."""
-        return [int(n) for n in (self.mask == 0).sum(dim=1).tolist()]
-
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep` (finished and cancelled rows leave), then trim padding columns."""
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)

@@ -34,10 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.gathered import Routed
-from model.packed import GROUP, KERNEL_ROWS, PackedLinear, int4_rows, use_kernel
+from model.packed import PackedLinear, int4_rows, use_kernel
 
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
+
+
+def _projections(layer: Any) -> tuple[tuple[nn.Module, tuple[str, ...]], ...]:
+    """A decoder layer's projection groups, in the order the step applies them: (parent
+    module, names of the projections that read the same input)."""
+    return (
+        (layer.self_attn, ATTENTION),
+        (layer.self_attn, ("o_proj",)),
+        (layer.mlp, MLP_IN),
+        (layer.mlp, ("down_proj",)),
+    )
 
 
 def lean_decoder(model: Any) -> LeanDecode | None:
@@ -81,7 +92,6 @@ class _Group:
     linears: list[nn.Module]  # the base layers
     packed: torch.Tensor | None = None
     scales: torch.Tensor | None = None  # as PackedLinear keeps them (int16 bits)
-    scales16: torch.Tensor | None = None  # the same bits as bf16, for the kernel
     sizes: tuple[int, ...] = ()
 
     @classmethod
@@ -101,20 +111,13 @@ class _Group:
                     rows = m.packed.shape[0]
                     m.packed = group.packed[start : start + rows]
                     start += rows
-            group.scales16 = group.scales.view(torch.bfloat16)
         return group
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(the fused output when one kernel call made them all, else None; each output)."""
         if self.packed is not None and use_kernel(x, self.linears[0].weight):  # type: ignore[arg-type]
-            flat = x.reshape(-1, x.shape[-1])
-            if flat.shape[0] <= KERNEL_ROWS:  # int4_rows' single call, without its wrapping
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    flat.to(torch.bfloat16), self.packed, GROUP, self.scales16
-                ).float()
-            else:
-                assert self.scales is not None
-                out = int4_rows(flat, self.packed, self.scales)
+            assert self.scales is not None
+            out = int4_rows(x.reshape(-1, x.shape[-1]), self.packed, self.scales)
             out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
             return out, list(out.split(self.sizes, dim=-1))
         return None, [m(x) for m in self.linears]
@@ -142,16 +145,9 @@ class LeanDecode:
 
         self.model = model
         self._use_gqa = use_gqa_in_sdpa
-        config = model.config
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(config.num_key_value_heads)
+        self.heads = int(model.config.num_attention_heads)
         self._groups = [
-            (
-                _Group.of(layer.self_attn, ATTENTION),
-                _Group.of(layer.self_attn, ("o_proj",)),
-                _Group.of(layer.mlp, MLP_IN),
-                _Group.of(layer.mlp, ("down_proj",)),
-            )
+            tuple(_Group.of(parent, names) for parent, names in _projections(layer))
             for layer in model.model.layers
         ]
         self._seen: list[Any] | None = None  # the host's module list the ids below are for
@@ -170,13 +166,8 @@ class LeanDecode:
             return
         self._ids = [
             tuple(
-                tuple(id(getattr(parent, name)) for name in group)
-                for parent, group in (
-                    (layer.self_attn, ATTENTION),
-                    (layer.self_attn, ("o_proj",)),
-                    (layer.mlp, MLP_IN),
-                    (layer.mlp, ("down_proj",)),
-                )
+                tuple(id(getattr(parent, name)) for name in names)
+                for parent, names in _projections(layer)
             )
             for layer in self.model.model.layers
         ]

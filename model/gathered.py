@@ -62,13 +62,13 @@ class Gather:
         self.enabled = True
         self._key: tuple[int, tuple[str, ...]] | None = None
         self._layers: list[tuple[Any, _Layer]] | None = None
-        self.forget()
+        self._routed_for: tuple[Any, ...] | None = None  # the rows `_routed` was built for
+        self._routed: dict[int, Routed] | None = None
         self.counts = {"gathered": 0, "peft": 0}
 
     def forget(self) -> None:
         self._key, self._layers = None, None
-        self._routed_for: tuple[Any, ...] | None = None
-        self._routed: dict[int, Routed] | None = None
+        self._routed_for, self._routed = None, None
 
     def plan(self, modules: list[Any], names: list[str]) -> list[tuple[Any, _Layer]] | None:
         """The layers to hook for these rows' adapters, or None when peft's path must run."""
